@@ -1,0 +1,1 @@
+"""The HTTP edge: middleware, the error envelope, and the typed dependencies every route receives."""

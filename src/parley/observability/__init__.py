@@ -1,0 +1,1 @@
+"""Observability: structured logs, metrics, SLOs and error-pattern diagnosis."""

@@ -1,0 +1,131 @@
+"""All of parley's configuration: one pydantic-settings class read from `PARLEY_*` variables and `.env`.
+
+Every option is documented in the README's configuration reference; `parley doctor` prints the effective values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "parley"
+
+
+class UnsafeSettings(Exception):
+    """Production was asked for with settings that are unsafe there; `problems` says which."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("refusing to start in production: " + "; ".join(problems))
+        self.problems = problems
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PARLEY_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # --- process -------------------------------------------------------------------------------------------
+    env: Literal["development", "production", "test"] = "development"
+    debug: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    forwarded_allow_ips: str = "127.0.0.1"
+    # Seconds to keep answering (readiness says `draining`) after SIGTERM before closing the listener,
+    # so a load balancer notices; then in-flight requests get `shutdown_deadline_s` to finish.
+    drain_delay_s: float = Field(default=0.0, ge=0, le=300)
+    shutdown_deadline_s: float = Field(default=30.0, gt=0, le=3600)
+
+    # --- storage -------------------------------------------------------------------------------------------
+    database_url: str | None = None
+    # None: migrate automatically on start for SQLite, never for PostgreSQL (run `parley migrate`).
+    auto_migrate: bool | None = None
+    database_pool_size: int = Field(default=10, ge=1, le=500)
+    database_max_overflow: int = Field(default=10, ge=0, le=500)
+    database_pool_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    database_connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    database_statement_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    database_busy_timeout_s: float = Field(default=5.0, ge=0, le=120)  # SQLite only
+    database_retry_after_s: int = Field(default=2, ge=1, le=300)
+
+    # --- auth ----------------------------------------------------------------------------------------------
+    jwt_secret: SecretStr | None = None
+    jwt_issuer: str = "parley"
+    jwt_audience: str = "parley-api"
+    access_token_ttl_s: int = Field(default=900, ge=60, le=86400)
+    refresh_token_ttl_s: int = Field(default=30 * 86400, ge=3600, le=365 * 86400)
+    ws_ticket_ttl_s: int = Field(default=60, ge=5, le=60)
+    login_rate_limit: int = Field(default=10, ge=1, le=10_000)
+    login_rate_window_s: float = Field(default=300.0, gt=0, le=86400)
+    register_rate_limit: int = Field(default=20, ge=1, le=10_000)
+    rate_limit_max_keys: int = Field(default=100_000, ge=100, le=10_000_000)
+
+    # --- HTTP ----------------------------------------------------------------------------------------------
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    hsts_max_age_s: int = Field(default=0, ge=0, le=2 * 365 * 86400)  # 0: no HSTS header
+    max_request_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    max_message_chars: int = Field(default=32_000, ge=1, le=1_000_000)
+    max_metadata_bytes: int = Field(default=16_384, ge=2, le=1_048_576)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    # --- derived -------------------------------------------------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'parley.db'}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
+
+    @property
+    def json_logs(self) -> bool:
+        if self.log_format == "auto":
+            return self.env == "production"
+        return self.log_format == "json"
+
+    def production_problems(self) -> list[str]:
+        """What makes these settings unsafe in production (empty when they are fine)."""
+        problems: list[str] = []
+        secret = self.jwt_secret.get_secret_value() if self.jwt_secret else ""
+        if not secret:
+            problems.append("PARLEY_JWT_SECRET is not set (generate one: python -c 'import secrets; "
+                            "print(secrets.token_urlsafe(48))')")
+        elif len(secret) < 32:
+            problems.append("PARLEY_JWT_SECRET is shorter than 32 characters")
+        if self.is_sqlite and self.workers > 1:
+            problems.append(f"SQLite cannot serve {self.workers} workers; use PostgreSQL "
+                            "(PARLEY_DATABASE_URL=postgresql+asyncpg://...) or PARLEY_WORKERS=1")
+        if self.debug:
+            problems.append("PARLEY_DEBUG is on")
+        if "*" in self.cors_origins:
+            problems.append("PARLEY_CORS_ORIGINS allows every origin ('*')")
+        return problems
+
+    def check(self) -> None:
+        """Raise `UnsafeSettings` when production is asked for with unsafe settings."""
+        if self.env == "production":
+            problems = self.production_problems()
+            if problems:
+                raise UnsafeSettings(problems)
