@@ -30,11 +30,11 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if backend() == "postgresql":
-        return
+    """A test marked `only_on("postgresql")` is deselected (and reported so) on the SQLite run, not skipped."""
     selected, deselected = [], []
     for item in items:
-        (deselected if item.get_closest_marker("postgres_only") else selected).append(item)
+        marker = item.get_closest_marker("only_on")
+        (deselected if marker and backend() not in marker.args else selected).append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected

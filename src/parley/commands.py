@@ -19,7 +19,7 @@ from parley.storage.schema_check import check_schema
 
 
 def _say(line: str) -> None:
-    print(line, flush=True)  # noqa: T201 - a CLI speaks on stdout
+    print(line, flush=True)
 
 
 async def migrate(settings: Settings) -> int:

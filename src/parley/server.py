@@ -7,7 +7,11 @@ so a broken configuration ends the command with its reason instead of a crash lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -28,7 +32,7 @@ class ParleyServer(uvicorn.Server):
 
     @property
     def services(self) -> AppServices | None:
-        state: dict[str, Any] = getattr(self, "lifespan", None) and self.lifespan.state or {}
+        state: dict[str, Any] = (getattr(self, "lifespan", None) and self.lifespan.state) or {}
         services = state.get(SERVICES_STATE_KEY)
         return services if isinstance(services, AppServices) else None
 
@@ -41,6 +45,20 @@ class ParleyServer(uvicorn.Server):
         if self.fatal_error is not None:
             return True
         return await super().on_tick(counter)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """As uvicorn's, without re-raising the signal afterwards: a graceful stop exits with status 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def uvicorn_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Config:

@@ -126,7 +126,8 @@ class RequestContextMiddleware:
         }
         if state.get("user_id"):
             fields["user_id"] = state["user_id"]
-        level = "warning" if status >= 500 else "info"
+        # 503 is a declared state (starting, draining, database down) that says so in its own lines.
+        level = "warning" if status >= 500 and status != 503 else "info"
         getattr(access_log, level)("request", **fields)
 
 
@@ -142,11 +143,10 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > self.max_bytes:
-                    response = error_response(scope, 413, PayloadTooLarge.code, PayloadTooLarge.message)
-                    await response(scope, receive, send)
-                    return
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
+                response = error_response(scope, 413, PayloadTooLarge.code, PayloadTooLarge.message)
+                await response(scope, receive, send)
+                return
         received = 0
 
         async def counting_receive() -> Message:

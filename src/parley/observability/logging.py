@@ -66,7 +66,7 @@ def configure_logging(settings: Settings, stream: Any = None) -> None:
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.stdlib.get_logger(name)
 
 
 def describe(exc: BaseException) -> str:
