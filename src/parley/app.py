@@ -10,13 +10,17 @@ import asyncio
 import contextlib
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from parley import __version__
+from parley.agents.assistant import Assistant
+from parley.agents.base import Agent, AgentRegistry
+from parley.agents.routes import router as runs_router
+from parley.agents.runs import RunManager
 from parley.auth.passwords import Passwords
 from parley.auth.ratelimit import SlidingWindowLimiter
 from parley.auth.routes import router as auth_router
@@ -28,11 +32,25 @@ from parley.health.routes import router as health_router
 from parley.http.deps import AppServices, RateLimits
 from parley.http.errors import install_error_handlers
 from parley.http.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
+from parley.ids import new_id
+from parley.llm.base import LLMProvider
+from parley.llm.builtin import BuiltinProvider
+from parley.llm.component import LLMComponent
+from parley.llm.openai_provider import OpenAIProvider
 from parley.observability.logging import get_logger
+from parley.realtime.bus import InProcessEventBus
+from parley.realtime.component import AgentBridge, RealtimeServices
+from parley.realtime.endpoint import websocket_endpoint
+from parley.realtime.event_log import EventLog
+from parley.realtime.hub import ConnectionHub
+from parley.realtime.routes import router as realtime_router
+from parley.realtime.session import SessionServices, build_router
 from parley.settings import Settings
 from parley.storage.component import DatabaseComponent
 from parley.storage.database import Database
 from parley.threads.routes import router as threads_router
+from parley.tools.base import Tool, ToolRegistry
+from parley.tools.builtin import CalculatorTool, CurrentTimeTool, SearchThreadsTool
 
 log = get_logger("parley.app")
 
@@ -40,14 +58,24 @@ log = get_logger("parley.app")
 SERVICES_STATE_KEY = "parley_services"
 
 
-def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = None) -> AppServices:
-    """Constructs every component in dependency order; nothing is started or connected yet."""
+def build_llm(settings: Settings) -> LLMProvider:
+    if settings.llm_provider == "openai":
+        api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
+        return OpenAIProvider(base_url=settings.openai_base_url, api_key=api_key, model=settings.openai_model,
+                              timeout_s=settings.llm_timeout_s, max_retries=settings.llm_max_retries,
+                              health_ttl_s=settings.llm_health_ttl_s)
+    return BuiltinProvider(token_delay_s=settings.builtin_token_delay_s)
+
+
+def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = None,
+                   extra_agents: Sequence[Agent] = (), extra_tools: Sequence[Tool] = ()) -> AppServices:
+    """Constructs every component in dependency order; nothing is started or connected yet.
+
+    `extra_agents` and `extra_tools` extend the built-in catalogue (an embedding application's own)."""
     settings.check()
     if settings.is_sqlite or settings.jwt_secret is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     database = Database(settings)
-    components: list[Component] = [DatabaseComponent(database, settings)]
-    lifecycle = Lifecycle(components, on_fatal=on_fatal)
     codec = TokenCodec(resolve_jwt_secret(settings), settings.jwt_issuer, settings.jwt_audience,
                        settings.access_token_ttl_s)
     auth = AuthService(settings, Passwords(), codec)
@@ -57,13 +85,31 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
         login_by_email=SlidingWindowLimiter(settings.login_rate_limit, window, keys),
         register_by_address=SlidingWindowLimiter(settings.register_rate_limit, window, keys),
     )
+
+    bus = InProcessEventBus()
+    event_log = EventLog(database, bus, batch_max=settings.event_log_batch_max,
+                         queue_max=settings.event_log_queue_max)
+    llm = build_llm(settings)
+    tools = ToolRegistry([SearchThreadsTool(database), CurrentTimeTool(), CalculatorTool(), *extra_tools])
+    agents = AgentRegistry([Assistant(), *extra_agents])
+    runs = RunManager(settings, database, event_log, bus, agents, tools, llm, worker_id=new_id())
+    hub = ConnectionHub(settings.ws_max_connections_per_user)
+    realtime = RealtimeServices(bus=bus, event_log=event_log, hub=hub, router=build_router(),
+                                session_services=SessionServices(database=database, bus=bus, runs=runs))
+    bridge = AgentBridge(event_log, runs, hub, deadline_s=settings.shutdown_deadline_s)
+
+    # The declared start order: storage, then delivery, then the model, then what accepts work.
+    components: list[Component] = [DatabaseComponent(database, settings), bus, LLMComponent(llm), bridge]
+    lifecycle = Lifecycle(components, on_fatal=on_fatal)
     return AppServices(settings=settings, database=database, lifecycle=lifecycle, auth=auth,
-                       rate_limits=rate_limits)
+                       rate_limits=rate_limits, agents=agents, tools=tools, runs=runs, realtime=realtime,
+                       bridge=bridge)
 
 
-def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None, *,
+               extra_agents: Sequence[Agent] = (), extra_tools: Sequence[Tool] = ()) -> FastAPI:
     settings = settings or Settings()
-    services = build_services(settings, on_fatal)
+    services = build_services(settings, on_fatal, extra_agents, extra_tools)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -92,6 +138,9 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(threads_router)
+    app.include_router(runs_router)
+    app.include_router(realtime_router)
+    app.add_api_websocket_route("/ws", websocket_endpoint)
 
     # Added innermost first: the security headers wrap everything, including the last-resort error answer.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)

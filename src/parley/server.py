@@ -70,8 +70,11 @@ def uvicorn_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Co
         "proxy_headers": True,
         "forwarded_allow_ips": settings.forwarded_allow_ips,
         "timeout_graceful_shutdown": settings.shutdown_deadline_s,
-        "ws_max_size": 1024 * 1024,
-        "ws_ping_interval": None,  # parley sends its own heartbeat pings
+        # WebSocket ping frames every heartbeat; a connection that answers none for two heartbeats is closed.
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.ws_max_frame_bytes,
+        "ws_ping_interval": settings.ws_heartbeat_s,
+        "ws_ping_timeout": settings.ws_heartbeat_s * 2,
         "lifespan": "on",
         "server_header": False,
     }

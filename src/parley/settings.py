@@ -22,7 +22,7 @@ class UnsafeSettings(Exception):
     """Production was asked for with settings that are unsafe there; `problems` says which."""
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("refusing to start in production: " + "; ".join(problems))
+        super().__init__("refusing to start: " + "; ".join(problems))
         self.problems = problems
 
 
@@ -77,6 +77,36 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=32_000, ge=1, le=1_000_000)
     max_metadata_bytes: int = Field(default=16_384, ge=2, le=1_048_576)
 
+    # --- agents and runs ------------------------------------------------------------------------------------
+    default_agent: str = "assistant"
+    run_timeout_s: float = Field(default=300.0, gt=0, le=86400)
+    max_concurrent_runs_per_user: int = Field(default=5, ge=1, le=1000)
+    max_queued_runs_per_user: int = Field(default=50, ge=1, le=10_000)
+    # A process renews the lease of its unfinished runs; a run whose lease lapses (its process died) is
+    # marked `interrupted` by whichever process sweeps next.
+    run_lease_s: float = Field(default=15.0, ge=1, le=3600)
+    agent_max_steps: int = Field(default=6, ge=1, le=50)
+    event_log_batch_max: int = Field(default=1000, ge=1, le=100_000)
+    event_log_queue_max: int = Field(default=20_000, ge=100, le=1_000_000)
+
+    # --- LLM -----------------------------------------------------------------------------------------------
+    llm_provider: Literal["builtin", "openai"] = "builtin"
+    builtin_token_delay_s: float = Field(default=0.02, ge=0, le=10)
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr | None = None
+    openai_model: str = "gpt-4o-mini"
+    llm_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    llm_max_retries: int = Field(default=3, ge=0, le=20)
+    llm_health_ttl_s: float = Field(default=30.0, ge=0, le=3600)
+
+    # --- WebSocket and SSE ---------------------------------------------------------------------------------
+    ws_heartbeat_s: float = Field(default=20.0, ge=1, le=3600)
+    ws_max_frame_bytes: int = Field(default=65_536, ge=1024, le=16 * 1_048_576)
+    ws_send_queue_max: int = Field(default=2048, ge=16, le=1_000_000)
+    ws_max_connections_per_user: int = Field(default=20, ge=1, le=10_000)
+    ws_messages_per_minute: int = Field(default=600, ge=1, le=1_000_000)
+    sse_keepalive_s: float = Field(default=15.0, ge=1, le=15)
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -123,9 +153,20 @@ class Settings(BaseSettings):
             problems.append("PARLEY_CORS_ORIGINS allows every origin ('*')")
         return problems
 
+    def problems(self) -> list[str]:
+        """What makes these settings unworkable in any environment."""
+        problems: list[str] = []
+        if self.workers > 1:
+            problems.append(f"PARLEY_WORKERS={self.workers} needs an event bus shared by the processes, and "
+                            "this version has only the in-process bus: use PARLEY_WORKERS=1")
+        if self.llm_provider == "openai" and not self.openai_api_key and "api.openai.com" in self.openai_base_url:
+            problems.append("PARLEY_LLM_PROVIDER=openai needs PARLEY_OPENAI_API_KEY for api.openai.com")
+        return problems
+
     def check(self) -> None:
-        """Raise `UnsafeSettings` when production is asked for with unsafe settings."""
+        """Raise `UnsafeSettings` for unworkable settings, and in production for unsafe ones."""
+        problems = self.problems()
         if self.env == "production":
-            problems = self.production_problems()
-            if problems:
-                raise UnsafeSettings(problems)
+            problems += self.production_problems()
+        if problems:
+            raise UnsafeSettings(problems)

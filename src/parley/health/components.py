@@ -126,6 +126,10 @@ class Lifecycle:
         if self.phase in (Phase.STARTING, Phase.READY):
             self.phase = Phase.DRAINING
             log.info("draining")
+            for component in self.components:
+                drain = getattr(component, "begin_drain", None)  # optional: stop taking new work
+                if callable(drain):
+                    drain()
 
     async def stop(self, deadline_s: float) -> None:
         self.begin_drain()

@@ -14,13 +14,17 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 
+from parley.agents.base import AgentRegistry
+from parley.agents.runs import RunManager
 from parley.auth.ratelimit import RateLimiter
 from parley.auth.service import AuthService
 from parley.auth.tokens import Principal
 from parley.errors import NotFound, ServiceUnavailable, Unauthorized
 from parley.health.components import Lifecycle
+from parley.realtime.component import AgentBridge, RealtimeServices
 from parley.settings import Settings
 from parley.storage.database import Database
+from parley.tools.base import ToolRegistry
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class AppServices:
     lifecycle: Lifecycle
     auth: AuthService
     rate_limits: RateLimits
+    agents: AgentRegistry
+    tools: ToolRegistry
+    runs: RunManager
+    realtime: RealtimeServices
+    bridge: AgentBridge
 
 
 def get_services(connection: HTTPConnection) -> AppServices:

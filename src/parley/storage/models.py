@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import Float, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from parley.storage.types import JSONDocument, UTCDateTime
@@ -103,3 +103,47 @@ class Message(Base):
     client_message_id: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime]
     meta: Mapped[dict[str, Any]] = mapped_column("metadata")
+
+
+class Run(Base):
+    """One agent run: the answer to one user message. Status moves queued → running → a final state."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        Index("ix_runs_thread_created", "thread_id", "created_at", "id"),
+        # Finds the unfinished runs (of a thread, or whose lease lapsed) without scanning finished ones.
+        Index("ix_runs_status_lease", "status", "lease_until"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    thread_id: Mapped[str] = mapped_column(ID, ForeignKey("threads.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(ID, ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    agent: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    input_message_id: Mapped[str | None] = mapped_column(ID)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(String(500))
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    model: Mapped[str | None] = mapped_column(String(100))
+    # The process executing the run and until when it vouches for it (renewed while it runs).
+    worker_id: Mapped[str | None] = mapped_column(ID)
+    lease_until: Mapped[datetime | None]
+
+
+class RunEvent(Base):
+    """The per-thread event log: every event a client is sent, stored first, numbered 1, 2, 3… per thread."""
+
+    __tablename__ = "run_events"
+    __table_args__ = (PrimaryKeyConstraint("thread_id", "seq"),)
+
+    thread_id: Mapped[str] = mapped_column(ID, ForeignKey("threads.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    run_id: Mapped[str | None] = mapped_column(ID, index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]

@@ -64,9 +64,11 @@ async def update_thread(thread_id: str, body: ThreadUpdate, principal: CurrentUs
 
 
 @router.delete("/api/threads/{thread_id}", status_code=204)
-async def delete_thread(thread_id: str, principal: CurrentUser, session: SessionDep) -> Response:
+async def delete_thread(thread_id: str, principal: CurrentUser, services: ServicesDep,
+                        session: SessionDep) -> Response:
     await ThreadRepository(session).delete(principal.user_id, thread_id)
     await session.commit()
+    await services.runs.cancel_thread_runs(thread_id)  # its runs have nowhere left to write
     return Response(status_code=204)
 
 

@@ -1,0 +1,431 @@
+"""Benchmark of `GET /api/threads?limit=20` for a user with 10 and a user with 10,000 threads.
+
+For each database (SQLite, PostgreSQL) it starts real servers as separate processes and loads them with wrk,
+also a separate process, at a fixed concurrency for a fixed duration per measurement:
+
+- `baseline`: a bare FastAPI app returning a constant list of 20 small dicts (bench/baseline_server.py),
+- `10 threads` and `10,000 threads`: parley with PARLEY_LOG_LEVEL=WARNING, so per-request logging is off,
+- `10 threads, INFO log`: a second parley process on the same database with PARLEY_LOG_LEVEL=INFO, which writes
+  one JSON line per request to a file, to show what that logging costs.
+
+The targets are measured in interleaved rounds (their order rotates each round) after one warm-up each; the
+figures are medians across rounds and ratios are medians of the ratios taken within each round, because the
+machine is shared and noisy. Each parley target's answer is checked once before it is loaded, and any error
+response (wrk counts status >= 400), socket error or timeout fails the run.
+
+    .venv/bin/python bench/threads_list.py [--duration S] [--rounds N] [--databases sqlite,postgresql]
+
+Prints a table and writes bench/results/threads_list.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import insert, text, update
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from parley.clock import utcnow
+from parley.ids import new_id
+from parley.server import free_port
+from parley.settings import Settings
+from parley.storage.database import Database
+from parley.storage.models import Thread, User
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_FILE = BENCH_DIR / "results" / "threads_list.json"
+WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
+PARLEY_BIN = Path(sys.executable).with_name("parley")
+
+PG_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+PG_DATABASE = "parley_bench"
+PG_URL = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PG_DATABASE}"
+
+JWT_SECRET = "bench-secret-" + "x" * 40
+PASSWORD = "bench-password-123"
+LIST_PATH = "/api/threads?limit=20"
+PAGE_SIZE = 20
+SMALL, LARGE = 10, 10_000
+TARGET_RATIO = 1.5
+WARMUP_S = 2
+READY_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing wrk loads: a URL (with the bearer token of the user whose threads are listed) and the id of the
+    server process behind it, whose CPU time is read around each run."""
+
+    name: str
+    url: str
+    pid: int
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One wrk run against one target."""
+
+    requests: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+    # CPU time (user + system) of the server process per request: steadier than latency on a shared machine.
+    # For PostgreSQL it leaves out the database server's own processes.
+    server_cpu_ms_per_request: float
+
+
+class BenchmarkError(Exception):
+    """The run cannot give trustworthy figures (a server failed, an answer was wrong, requests errored)."""
+
+
+class Server:
+    """A server in its own process, its output going to a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, command: list[str], port: int, log_file: Path,
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_file = log_file
+        with log_file.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+
+    def wait_until_answering(self, path: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchmarkError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise BenchmarkError(f"{self.name} did not answer {path} within {READY_TIMEOUT_S}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def running(server: Server, ready_path: str) -> Iterator[Server]:
+    try:
+        server.wait_until_answering(ready_path)
+        yield server
+    finally:
+        server.stop()
+
+
+def start_parley(name: str, database_url: str, work_dir: Path, log_level: str) -> Server:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PARLEY_")}
+    env.update({
+        "PARLEY_ENV": "test",
+        "PARLEY_HOST": "127.0.0.1",
+        "PARLEY_PORT": str(port),
+        "PARLEY_DATABASE_URL": database_url,
+        "PARLEY_DATA_DIR": str(work_dir),
+        "PARLEY_JWT_SECRET": JWT_SECRET,
+        "PARLEY_AUTO_MIGRATE": "true",
+        "PARLEY_LOG_LEVEL": log_level,
+        "PARLEY_LOG_FORMAT": "json",  # as in production
+        "PARLEY_ACCESS_TOKEN_TTL_S": "3600",  # outlives the whole run
+        "PARLEY_REGISTER_RATE_LIMIT": "10000",
+        "PARLEY_LOGIN_RATE_LIMIT": "10000",
+    })
+    # The work directory as cwd, so that no .env file of the checkout is read.
+    return Server(name, [str(PARLEY_BIN), "serve"], port, work_dir / f"{name}.log", env=env, cwd=work_dir)
+
+
+def start_baseline(work_dir: Path) -> Server:
+    port = free_port()
+    command = [sys.executable, str(BENCH_DIR / "baseline_server.py"), str(port)]
+    return Server("baseline", command, port, work_dir / "baseline.log")
+
+
+# --- databases and data ------------------------------------------------------------------------------------
+
+
+async def recreate_postgres_database() -> None:
+    admin = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
+            await connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
+    finally:
+        await admin.dispose()
+
+
+def register(base_url: str, email: str) -> tuple[str, str]:
+    """Registers an account through the API; returns its user id and access token."""
+    response = httpx.post(f"{base_url}/api/auth/register", json={"email": email, "password": PASSWORD}, timeout=30)
+    if response.status_code != 201:
+        raise BenchmarkError(f"registering {email}: {response.status_code} {response.text[:300]}")
+    body = response.json()
+    return body["user"]["id"], body["access_token"]
+
+
+async def seed_threads(database_url: str, work_dir: Path, user_id: str, count: int) -> None:
+    """Inserts `count` threads for `user_id` as `ThreadRepository.create` would, with distinct timestamps,
+    and moves the user's `thread_count` in the same transaction."""
+    settings = Settings(_env_file=None, env="test", data_dir=work_dir, database_url=database_url,
+                        jwt_secret=JWT_SECRET)
+    database = Database(settings)
+    start = utcnow() - timedelta(seconds=count)
+    rows: list[dict[str, Any]] = []
+    for index in range(count):
+        moment = start + timedelta(seconds=index)
+        rows.append({"id": new_id(), "user_id": user_id, "title": f"Thread {index}", "meta": {"n": index},
+                     "created_at": moment, "updated_at": moment, "message_count": 0,
+                     "last_message_at": None, "last_seq": 0})
+    try:
+        async with database.session() as session:
+            for offset in range(0, count, 1000):
+                await session.execute(insert(Thread), rows[offset:offset + 1000])
+            await session.execute(
+                update(User).where(User.id == user_id).values(thread_count=User.thread_count + count)
+            )
+            await session.commit()
+            if database.dialect == "postgresql":
+                await session.execute(text("ANALYZE threads"))
+                await session.commit()
+    finally:
+        await database.dispose()
+
+
+def check_listing(target: Target, expected_total: int) -> None:
+    """One request, before loading: the benchmark must measure real listings, not errors or empty pages."""
+    response = httpx.get(target.url, headers={"Authorization": f"Bearer {target.token}"}, timeout=30)
+    if response.status_code != 200:
+        raise BenchmarkError(f"{target.name}: {response.status_code} {response.text[:300]}")
+    page = response.json()
+    items = page["items"]
+    stamps = [item["updated_at"] for item in items]
+    if (page["total"] != expected_total or len(items) != min(PAGE_SIZE, expected_total)
+            or page["has_more"] != (expected_total > PAGE_SIZE) or stamps != sorted(stamps, reverse=True)):
+        raise BenchmarkError(f"{target.name}: wrong page: total={page['total']} items={len(items)} "
+                             f"has_more={page['has_more']}, expected total={expected_total}")
+
+
+def check_baseline(target: Target) -> None:
+    response = httpx.get(target.url, timeout=30)
+    if response.status_code != 200 or len(response.json()) != PAGE_SIZE:
+        raise BenchmarkError(f"baseline: {response.status_code} {response.text[:300]}")
+
+
+# --- load ----------------------------------------------------------------------------------------------------
+
+
+def run_wrk(target: Target, duration_s: int, connections: int) -> Sample:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "5s", "-s", str(WRK_SCRIPT)]
+    if target.token:
+        command += ["-H", f"Authorization: Bearer {target.token}"]
+    cpu_before = process_cpu_s(target.pid)
+    output = subprocess.run([*command, target.url], capture_output=True, text=True, check=True).stdout
+    cpu_s = process_cpu_s(target.pid) - cpu_before
+    lines = [line for line in output.splitlines() if line.startswith("WRK_JSON ")]
+    if not lines:
+        raise BenchmarkError(f"wrk printed no summary for {target.name}:\n{output}")
+    figures = json.loads(lines[0].removeprefix("WRK_JSON "))
+    errors = {key: figures[key] for key in figures if key.startswith("errors_") and figures[key]}
+    if errors or not figures["requests"]:
+        raise BenchmarkError(f"{target.name}: {figures['requests']} requests with errors {errors}")
+    return Sample(
+        requests=int(figures["requests"]),
+        requests_per_s=figures["requests"] / (figures["duration_us"] / 1e6),
+        p50_ms=figures["p50_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        mean_ms=figures["mean_us"] / 1000,
+        max_ms=figures["max_us"] / 1000,
+        server_cpu_ms_per_request=cpu_s * 1000 / figures["requests"],
+    )
+
+
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of a process and all its threads, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), counted after the name
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(targets: list[Target], rounds: int, duration_s: int, connections: int) -> dict[str, list[Sample]]:
+    """Warms every target up once, then runs `rounds` rounds, rotating the order so no target is always first."""
+    for target in targets:
+        run_wrk(target, WARMUP_S, connections)
+    samples: dict[str, list[Sample]] = {target.name: [] for target in targets}
+    for round_index in range(rounds):
+        shift = round_index % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            sample = run_wrk(target, duration_s, connections)
+            samples[target.name].append(sample)
+            print(f"  round {round_index + 1}/{rounds} {target.name:<22} {sample.requests_per_s:8.0f} req/s  "
+                  f"p50 {sample.p50_ms:6.2f} ms  p99 {sample.p99_ms:6.2f} ms", flush=True)
+    return samples
+
+
+# --- one database --------------------------------------------------------------------------------------------
+
+BASELINE, SMALL_NAME, LARGE_NAME, SMALL_INFO_NAME = "baseline", "10 threads", "10,000 threads", "10 threads, INFO log"
+
+
+def bench_database(kind: str, baseline: Target, work_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    print(f"\n== {kind}", flush=True)
+    if kind == "postgresql":
+        asyncio.run(recreate_postgres_database())
+        database_url = PG_URL
+    else:
+        database_url = f"sqlite+aiosqlite:///{work_dir / 'parley.db'}"
+    quiet = start_parley(f"parley-{kind}-warning", database_url, work_dir, "WARNING")
+    with running(quiet, "/health/ready"):
+        small_id, small_token = register(quiet.url, "ten@bench.example")
+        large_id, large_token = register(quiet.url, "ten-thousand@bench.example")
+        started = time.monotonic()
+        asyncio.run(seed_threads(database_url, work_dir, small_id, SMALL))
+        asyncio.run(seed_threads(database_url, work_dir, large_id, LARGE))
+        print(f"  seeded {SMALL} + {LARGE} threads in {time.monotonic() - started:.1f}s", flush=True)
+        logged = start_parley(f"parley-{kind}-info", database_url, work_dir, "INFO")
+        with running(logged, "/health/ready"):
+            targets = [
+                baseline,
+                Target(SMALL_NAME, quiet.url + LIST_PATH, quiet.pid, small_token),
+                Target(LARGE_NAME, quiet.url + LIST_PATH, quiet.pid, large_token),
+                Target(SMALL_INFO_NAME, logged.url + LIST_PATH, logged.pid, small_token),
+            ]
+            check_baseline(baseline)
+            for target, expected in zip(targets[1:], (SMALL, LARGE, SMALL), strict=True):
+                check_listing(target, expected)
+            samples = measure(targets, args.rounds, args.duration, args.connections)
+    return summarise(samples)
+
+
+def summarise(samples: dict[str, list[Sample]]) -> dict[str, Any]:
+    def median(name: str, field: str) -> float:
+        return statistics.median(float(getattr(sample, field)) for sample in samples[name])
+
+    def paired_ratio(numerator: str, denominator: str, field: str = "p50_ms") -> float:
+        """The median over rounds of numerator/denominator, each pair measured in the same round."""
+        return statistics.median(float(getattr(top, field)) / float(getattr(bottom, field))
+                                 for top, bottom in zip(samples[numerator], samples[denominator], strict=True))
+
+    medians = {name: {field: round(median(name, field), 3) for field in ("requests_per_s", "p50_ms", "p99_ms")}
+               for name in samples}
+    large_vs_small = paired_ratio(LARGE_NAME, SMALL_NAME)
+    ratios = {
+        "p50_10000_vs_10": round(large_vs_small, 3),
+        "p50_10_vs_baseline": round(paired_ratio(SMALL_NAME, BASELINE), 3),
+        "p50_10000_vs_baseline": round(paired_ratio(LARGE_NAME, BASELINE), 3),
+        "p50_info_log_vs_warning": round(paired_ratio(SMALL_INFO_NAME, SMALL_NAME), 3),
+        "requests_per_s_10_vs_baseline": round(paired_ratio(SMALL_NAME, BASELINE, "requests_per_s"), 3),
+    }
+    return {
+        "medians": medians,
+        "ratios": ratios,
+        "target": {"p50_10000_vs_10_at_most": TARGET_RATIO, "met": large_vs_small <= TARGET_RATIO},
+        "rounds": {name: [asdict(sample) for sample in runs] for name, runs in samples.items()},
+    }
+
+
+# --- report --------------------------------------------------------------------------------------------------
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    print("\n| database | target | req/s | p50 ms | p99 ms | p50 vs baseline |")
+    print("|---|---|---:|---:|---:|---:|")
+    for kind, result in results.items():
+        medians = result["medians"]
+        base_p50 = medians[BASELINE]["p50_ms"]
+        for name, figures in medians.items():
+            print(f"| {kind} | {name} | {figures['requests_per_s']:.0f} | {figures['p50_ms']:.2f} | "
+                  f"{figures['p99_ms']:.2f} | {figures['p50_ms'] / base_p50:.2f}x |")
+    print()
+    for kind, result in results.items():
+        ratios, met = result["ratios"], result["target"]["met"]
+        print(f"{kind}: p50(10,000)/p50(10) = {ratios['p50_10000_vs_10']:.2f} (target <= {TARGET_RATIO}: "
+              f"{'MET' if met else 'MISSED'}); p50 parley(10)/baseline = {ratios['p50_10_vs_baseline']:.2f}; "
+              f"INFO/WARNING logging p50 = {ratios['p50_info_log_vs_warning']:.2f}")
+
+
+def environment() -> dict[str, Any]:
+    packages = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "sqlalchemy", "aiosqlite", "asyncpg",
+                "pydantic")
+    wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0]
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "wrk": wrk_version.strip(),
+        "packages": {name: metadata.version(name) for name in packages},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement (default 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per database (default 5)")
+    parser.add_argument("--connections", type=int, default=10, help="wrk connections (default 10)")
+    parser.add_argument("--databases", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql")
+    args = parser.parse_args()
+    kinds = [kind.strip() for kind in args.databases.split(",") if kind.strip()]
+    if not kinds or any(kind not in ("sqlite", "postgresql") for kind in kinds):
+        parser.error("--databases takes sqlite and/or postgresql")
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed (apt-get install -y wrk)")
+
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="parley-bench-") as temp:
+        work = Path(temp)
+        try:
+            with running(start_baseline(work), "/items") as baseline_server:
+                baseline = Target(BASELINE, baseline_server.url + "/items", baseline_server.pid)
+                for kind in kinds:
+                    (work / kind).mkdir()
+                    results[kind] = bench_database(kind, baseline, work / kind, args)
+        except BenchmarkError as exc:
+            print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+            return 1
+    print_table(results)
+    report = {
+        "benchmark": "GET /api/threads?limit=20",
+        "date": utcnow().isoformat(timespec="seconds"),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "settings": {"duration_s": args.duration, "rounds": args.rounds, "connections": args.connections,
+                     "wrk_threads": 1, "warmup_s": WARMUP_S},
+        "environment": environment(),
+        "databases": results,
+    }
+    RESULTS_FILE.parent.mkdir(exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten to {RESULTS_FILE.relative_to(BENCH_DIR.parent)} in {report['elapsed_s']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

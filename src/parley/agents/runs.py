@@ -1,0 +1,460 @@
+"""Runs: accepting a message (with idempotency and the thread's busy policy), executing the agent, ending
+every run with exactly one terminal event, and never leaving a run `running` after its process is gone.
+
+Each run executes in its own task with a fresh `UserExecutionContext` and `ToolDispatcher`. Runs of one user
+share `max_concurrent_runs_per_user` slots (extra runs wait); runs of one thread execute in order. A process
+renews a lease on its unfinished runs; any process interrupts runs whose lease lapsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from parley.agents.base import (
+    Agent,
+    AgentInput,
+    AgentRegistry,
+    Finished,
+    TextChunk,
+    Thinking,
+    ToolFinished,
+    ToolStarted,
+)
+from parley.agents.context import UserExecutionContext
+from parley.agents.schemas import FINISHED_STATUSES, UNFINISHED_STATUSES, RunOut
+from parley.clock import rfc3339, utcnow
+from parley.errors import Conflict, InvalidRequest, NotFound, RateLimited
+from parley.ids import new_id
+from parley.llm.base import ChatMessage, LLMError, LLMProvider, Usage
+from parley.observability.logging import describe, get_logger
+from parley.realtime.bus import EventBus
+from parley.realtime.event_log import EventLog, RunChange, WriteRequest
+from parley.realtime.events import EventType, NewEvent
+from parley.settings import Settings
+from parley.storage.database import Database
+from parley.storage.models import Message, Run, RunEvent, Thread
+from parley.threads.repository import MessageRepository
+from parley.threads.schemas import MessageOut
+from parley.tools.base import ToolRegistry
+from parley.tools.dispatcher import ToolDispatcher
+
+log = get_logger("parley.runs")
+
+HISTORY_MESSAGES = 40
+INTERRUPTED_MESSAGE = "The server stopped while this run was in progress."
+
+
+class RunInProgress(Conflict):
+    code = "run_in_progress"
+    message = "The thread has an unfinished run."
+
+
+class RunNotFound(NotFound):
+    message = "Run not found."
+
+
+@dataclass(frozen=True)
+class Submission:
+    message: MessageOut
+    run: RunOut
+    created: bool  # False: the same client_message_id was seen before; nothing new was started
+    user_id: str
+    message_seq: int | None = None  # seq of the `message_created` event (None for a replayed submission)
+    request_id: str = ""
+    is_admin: bool = False
+
+
+@dataclass
+class _LocalRun:
+    """A run this process executes: its task and why it is being cancelled, if it is."""
+
+    run_id: str
+    thread_id: str
+    user_id: str
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None
+    interrupted: bool = False  # cancelled by shutdown, not by a user
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class RunManager:
+    def __init__(self, settings: Settings, database: Database, event_log: EventLog, bus: EventBus,
+                 agents: AgentRegistry, tools: ToolRegistry, llm: LLMProvider, worker_id: str) -> None:
+        self.settings = settings
+        self.database = database
+        self.event_log = event_log
+        self.bus = bus
+        self.agents = agents
+        self.tools = tools
+        self.llm = llm
+        self.worker_id = worker_id
+        self._local: dict[str, _LocalRun] = {}
+        self._thread_tail: dict[str, asyncio.Future[None]] = {}
+        self._user_slots: dict[str, asyncio.Semaphore] = {}
+        self._maintenance: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # --- accepting work ------------------------------------------------------------------------------------
+    async def submit(self, session: AsyncSession, thread: Thread, content: str, *, agent: str | None,
+                     on_busy: str, client_message_id: str | None, request_id: str,
+                     is_admin: bool) -> Submission:
+        """Stores the user's message, its run (queued) and `message_created`; starts nothing (see `launch`)."""
+        if len(content) > self.settings.max_message_chars:
+            raise InvalidRequest(details=[{"field": "content", "type": "too_long",
+                                           "message": f"at most {self.settings.max_message_chars} characters"}])
+        agent_name = agent or self.settings.default_agent
+        self.agents.get(agent_name, is_admin)
+        if client_message_id is not None:
+            existing = await self._existing_submission(session, thread, client_message_id)
+            if existing is not None:
+                return existing
+        unfinished = await self._unfinished_run_ids(session, thread.id)
+        if unfinished and on_busy == "reject":
+            raise RunInProgress()
+        if sum(1 for run in self._local.values() if run.user_id == thread.user_id) >= \
+                self.settings.max_queued_runs_per_user:
+            raise RateLimited("Too many runs are waiting; retry when some have finished.", retry_after=5)
+        if on_busy == "interrupt":
+            for run_id in unfinished:
+                await self.request_cancel(run_id, "interrupted by a newer message")
+
+        now = utcnow()
+        message_id, run_id = new_id(), new_id()
+        message_row: dict[str, Any] = {
+            "id": message_id, "thread_id": thread.id, "user_id": thread.user_id, "role": "user",
+            "content": content, "run_id": run_id, "client_message_id": client_message_id, "created_at": now,
+            "meta": {}}
+        run_row = {"id": run_id, "thread_id": thread.id, "user_id": thread.user_id, "agent": agent_name,
+                   "status": "queued", "input_message_id": message_id, "created_at": now,
+                   "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0,
+                   "worker_id": self.worker_id,
+                   "lease_until": now + timedelta(seconds=self.settings.run_lease_s)}
+        message_out = _message_out(message_row)
+        event = NewEvent(thread.id, None, EventType.MESSAGE_CREATED, {"message": message_out.model_dump()})
+        try:
+            stored = await self.event_log.write(WriteRequest(events=[event], messages=[message_row], runs=[run_row]))
+        except IntegrityError:
+            if client_message_id is None:
+                raise
+            # The same client_message_id raced in from another request: answer as the winner did.
+            existing = await self._existing_submission(session, thread, client_message_id)
+            if existing is None:
+                raise
+            return existing
+        run = Run(**run_row)
+        return Submission(message=message_out, run=RunOut.of(run), created=True, user_id=thread.user_id,
+                          message_seq=stored[0].seq, request_id=request_id, is_admin=is_admin)
+
+    async def _existing_submission(self, session: AsyncSession, thread: Thread,
+                                   client_message_id: str) -> Submission | None:
+        message = await MessageRepository(session).find_by_client_id(thread.id, client_message_id)
+        if message is None:
+            return None
+        run = await session.get(Run, message.run_id) if message.run_id else None
+        if run is None:
+            return None
+        return Submission(message=MessageOut.of(message), run=RunOut.of(run), created=False,
+                          user_id=thread.user_id)
+
+    @staticmethod
+    async def _unfinished_run_ids(session: AsyncSession, thread_id: str) -> list[str]:
+        rows = await session.scalars(
+            select(Run.id).where(Run.thread_id == thread_id, Run.status.in_(UNFINISHED_STATUSES))
+        )
+        return list(rows)
+
+    def launch(self, submission: Submission) -> None:
+        """Starts executing a submitted run (after the caller has told its client about it)."""
+        if not submission.created or self._stopping:
+            return
+        run = submission.run
+        local = _LocalRun(run.id, run.thread_id, submission.user_id)
+        previous = self._thread_tail.get(run.thread_id)
+        self._thread_tail[run.thread_id] = local.done
+        self._local[run.id] = local
+        local.task = asyncio.create_task(self._execute(local, submission, previous), name=f"run-{run.id}")
+
+    # --- cancelling ----------------------------------------------------------------------------------------
+    async def cancel(self, session: AsyncSession, user_id: str, run_id: str) -> RunOut:
+        run = await session.scalar(select(Run).where(Run.id == run_id, Run.user_id == user_id))
+        if run is None:
+            raise RunNotFound()
+        if run.status in FINISHED_STATUSES:
+            return RunOut.of(run)
+        await self.request_cancel(run_id, "cancelled by the user")
+        return RunOut.of(run)
+
+    async def request_cancel(self, run_id: str, reason: str) -> None:
+        if run_id in self._local:
+            self._cancel_local(run_id, reason)
+        else:  # executing in another process (or nowhere: the sweeper will interrupt it)
+            await self.bus.send_control({"type": "cancel_run", "run_id": run_id, "reason": reason})
+
+    async def cancel_thread_runs(self, thread_id: str) -> None:
+        for run_id, local in list(self._local.items()):
+            if local.thread_id == thread_id:
+                self._cancel_local(run_id, "the thread was deleted")
+
+    def _cancel_local(self, run_id: str, reason: str, interrupted: bool = False) -> None:
+        local = self._local.get(run_id)
+        if local is None or local.task is None or local.task.done() or local.cancel_reason is not None:
+            return
+        local.cancel_reason, local.interrupted = reason, interrupted
+        local.task.cancel()
+
+    async def _on_control(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "cancel_run" and message.get("run_id") in self._local:
+            self._cancel_local(str(message["run_id"]), str(message.get("reason") or "cancelled"))
+
+    # --- executing -----------------------------------------------------------------------------------------
+    async def _execute(self, local: _LocalRun, submission: Submission, previous: asyncio.Future[None] | None) -> None:
+        run = submission.run
+        ctx = UserExecutionContext(user_id=local.user_id, thread_id=run.thread_id, run_id=run.id,
+                                   request_id=submission.request_id, agent=run.agent, is_admin=submission.is_admin)
+        started = False
+        answer: list[str] = []
+        tool_calls: list[dict[str, Any]] = []
+        usage = Usage(0, 0, self.llm.model)
+        try:
+            try:
+                if previous is not None:
+                    await asyncio.shield(previous)  # runs of one thread execute in order
+                async with self._user_slot(local.user_id):
+                    await self.event_log.append(
+                        self._event(ctx, EventType.AGENT_STARTED,
+                                    {"agent": run.agent, "input_message_id": submission.message.id}),
+                        run_changes=[RunChange(run.id, {"status": "running", "started_at": utcnow()})])
+                    started = True
+                    agent = self.agents.get(run.agent, submission.is_admin)
+                    async with asyncio.timeout(self.settings.run_timeout_s):
+                        async for event in self._drive(agent, ctx):
+                            usage = await self._record(ctx, event, answer, tool_calls) or usage
+                await self._finish_completed(ctx, started, "".join(answer), tool_calls, usage)
+            except asyncio.CancelledError:
+                if local.cancel_reason is None:
+                    raise  # not ours: the loop itself is going away
+                await self._finish_cancelled(ctx, started, local)
+            except TimeoutError:
+                await self._finish_error(ctx, started, "run_timeout",
+                                         f"The run took longer than {self.settings.run_timeout_s:g} s.", "failed")
+            except LLMError as exc:
+                log.warning("run_llm_failed", code=exc.code, reason=exc.message, **ctx.log_fields())
+                await self._finish_error(ctx, started, exc.code, exc.message, "failed")
+            except Exception:  # the run's boundary: log with context, end the run cleanly
+                log.exception("run_failed", **ctx.log_fields())
+                await self._finish_error(ctx, started, "agent_failed", "The agent failed unexpectedly.", "failed")
+        except Exception:  # even the terminal event could not be stored; the sweeper will interrupt the run
+            log.exception("run_terminal_write_failed", **ctx.log_fields())
+        finally:
+            self._forget(local)
+
+    async def _drive(self, agent: Agent, ctx: UserExecutionContext) -> AsyncIterator[Any]:
+        dispatcher = ToolDispatcher(ctx, self.tools.select(agent.tool_names))
+        history = await self._history(ctx)
+        run_input = AgentInput(history=history, dispatcher=dispatcher, llm=self.llm,
+                               max_steps=self.settings.agent_max_steps)
+        async for event in agent.run(ctx, run_input):
+            yield event
+
+    async def _record(self, ctx: UserExecutionContext, event: Any, answer: list[str],
+                      tool_calls: list[dict[str, Any]]) -> Usage | None:
+        if isinstance(event, TextChunk):
+            answer.append(event.text)
+            await self.event_log.append(self._event(ctx, EventType.AGENT_DELTA, {"text": event.text}))
+        elif isinstance(event, Thinking):
+            await self.event_log.append(self._event(ctx, EventType.AGENT_THINKING, {"text": event.text}))
+        elif isinstance(event, ToolStarted):
+            await self.event_log.append(self._event(ctx, EventType.TOOL_EXECUTING, {
+                "call_id": event.call_id, "tool": event.tool, "arguments": event.arguments}))
+        elif isinstance(event, ToolFinished):
+            outcome = event.outcome
+            payload: dict[str, Any] = {"call_id": outcome.call_id, "tool": outcome.tool, "ok": outcome.ok,
+                                       "duration_ms": outcome.duration_ms}
+            payload.update({"result": outcome.result} if outcome.ok else {"error": outcome.error})
+            tool_calls.append({**payload, "arguments": outcome.arguments})
+            await self.event_log.append(self._event(ctx, EventType.TOOL_COMPLETED, payload))
+        elif isinstance(event, Finished):
+            return event.usage
+        return None
+
+    async def _history(self, ctx: UserExecutionContext) -> tuple[ChatMessage, ...]:
+        async with self.database.session() as session:
+            rows = await session.execute(
+                select(Message.role, Message.content)
+                .where(Message.thread_id == ctx.thread_id, Message.user_id == ctx.user_id,
+                       Message.role.in_(("user", "assistant")))
+                .order_by(Message.created_at.desc(), Message.id.desc())
+                .limit(HISTORY_MESSAGES)
+            )
+            return tuple(ChatMessage(role="user" if role == "user" else "assistant", content=content)
+                         for role, content in reversed(rows.all()))
+
+    @contextlib.asynccontextmanager
+    async def _user_slot(self, user_id: str) -> AsyncIterator[None]:
+        slots = self._user_slots.get(user_id)
+        if slots is None:
+            slots = self._user_slots[user_id] = asyncio.Semaphore(self.settings.max_concurrent_runs_per_user)
+        async with slots:
+            yield
+
+    def _forget(self, local: _LocalRun) -> None:
+        self._local.pop(local.run_id, None)
+        if not local.done.done():
+            local.done.set_result(None)
+        if self._thread_tail.get(local.thread_id) is local.done:
+            del self._thread_tail[local.thread_id]
+        if not any(run.user_id == local.user_id for run in self._local.values()):
+            self._user_slots.pop(local.user_id, None)
+
+    # --- terminal events -----------------------------------------------------------------------------------
+    @staticmethod
+    def _event(ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any]) -> NewEvent:
+        return NewEvent(ctx.thread_id, ctx.run_id, type_, payload)
+
+    def _started_event(self, ctx: UserExecutionContext, started: bool) -> list[NewEvent]:
+        """A run that ends before it started still opens with `agent_started`, so every run's events pair."""
+        if started:
+            return []
+        return [self._event(ctx, EventType.AGENT_STARTED, {"agent": ctx.agent, "input_message_id": None})]
+
+    async def _finish_completed(self, ctx: UserExecutionContext, started: bool, content: str,
+                                tool_calls: list[dict[str, Any]], usage: Usage) -> None:
+        now = utcnow()
+        meta: dict[str, Any] = {"tool_calls": tool_calls} if tool_calls else {}
+        message_row = {"id": new_id(), "thread_id": ctx.thread_id, "user_id": ctx.user_id, "role": "assistant",
+                       "content": content, "run_id": ctx.run_id, "client_message_id": None, "created_at": now,
+                       "meta": meta}
+        usage_out = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cost_usd": 0.0}
+        completed = self._event(ctx, EventType.AGENT_COMPLETED,
+                                {"message": _message_out(message_row).model_dump(), "usage": usage_out})
+        await self.event_log.write(WriteRequest(
+            events=[*self._started_event(ctx, started), completed], messages=[message_row],
+            run_changes=[RunChange(ctx.run_id, {
+                "status": "completed", "finished_at": now, "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens, "model": usage.model, "lease_until": None})]))
+
+    async def _finish_error(self, ctx: UserExecutionContext, started: bool, code: str, message: str,
+                            status: str) -> None:
+        error = self._event(ctx, EventType.AGENT_ERROR, {"error": {"code": code, "message": message}})
+        await asyncio.shield(self.event_log.write(WriteRequest(
+            events=[*self._started_event(ctx, started), error],
+            run_changes=[RunChange(ctx.run_id, {"status": status, "finished_at": utcnow(), "error_code": code,
+                                                "error_message": message[:500], "lease_until": None})])))
+
+    async def _finish_cancelled(self, ctx: UserExecutionContext, started: bool, local: _LocalRun) -> None:
+        if local.interrupted:
+            await self._finish_error(ctx, started, "interrupted", INTERRUPTED_MESSAGE, "interrupted")
+            return
+        reason = local.cancel_reason or "cancelled"
+        cancelled = self._event(ctx, EventType.AGENT_CANCELLED, {"reason": reason})
+        await asyncio.shield(self.event_log.write(WriteRequest(
+            events=[*self._started_event(ctx, started), cancelled],
+            run_changes=[RunChange(ctx.run_id, {"status": "cancelled", "finished_at": utcnow(),
+                                                "lease_until": None})])))
+
+    # --- leases and the sweeper ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopping = False
+        self.bus.on_control(self._on_control)
+        # The embedded database serves one process, so at start every unfinished run is an orphan.
+        await self.sweep(everything=self.database.dialect == "sqlite")
+        self._maintenance = asyncio.create_task(self._maintain(), name="parley-run-leases")
+
+    async def stop(self, deadline_s: float) -> None:
+        """Interrupts this process's runs, each ending with its terminal event, within the deadline."""
+        self._stopping = True
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        locals_ = list(self._local.values())
+        for local in locals_:
+            self._cancel_local(local.run_id, "server shutting down", interrupted=True)
+        tasks = [local.task for local in locals_ if local.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=deadline_s)
+
+    @property
+    def active_runs(self) -> int:
+        return len(self._local)
+
+    async def _maintain(self) -> None:
+        interval = self.settings.run_lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew_leases()
+                await self.sweep()
+            except Exception as exc:  # the database may be down; try again next round
+                log.warning("run_maintenance_failed", reason=describe(exc))
+
+    async def _renew_leases(self) -> None:
+        if not self._local:
+            return
+        until = utcnow() + timedelta(seconds=self.settings.run_lease_s)
+        async with self.database.session() as session:
+            await session.execute(
+                update(Run).where(Run.id.in_(list(self._local)), Run.status.in_(UNFINISHED_STATUSES))
+                .values(lease_until=until)
+            )
+            await session.commit()
+
+    async def sweep(self, everything: bool = False) -> int:
+        """Interrupts unfinished runs whose process is gone; returns how many it ended."""
+        now = utcnow()
+        async with self.database.session() as session:
+            query = select(Run.id, Run.thread_id, Run.agent, Run.lease_until).where(
+                Run.status.in_(UNFINISHED_STATUSES))
+            if self._local:
+                query = query.where(Run.id.not_in(list(self._local)))
+            if not everything:
+                query = query.where(Run.lease_until < now)
+            orphans = (await session.execute(query.limit(500))).all()
+            started = set(await session.scalars(
+                select(func.distinct(RunEvent.run_id)).where(RunEvent.run_id.in_([o.id for o in orphans]),
+                                                             RunEvent.type == EventType.AGENT_STARTED.value)
+            )) if orphans else set()
+        ended = 0
+        for run_id, thread_id, agent, lease_until in orphans:
+            ctx = UserExecutionContext(user_id="", thread_id=thread_id, run_id=run_id, request_id="", agent=agent)
+            error = self._event(ctx, EventType.AGENT_ERROR,
+                                {"error": {"code": "interrupted", "message": INTERRUPTED_MESSAGE}})
+            request = WriteRequest(
+                events=[*self._started_event(ctx, run_id in started), error],
+                run_changes=[RunChange(run_id, {"status": "interrupted", "finished_at": now,
+                                                "error_code": "interrupted", "error_message": INTERRUPTED_MESSAGE,
+                                                "lease_until": None})])
+            if await self.event_log.write_guarded(request, _still_orphaned(run_id, None if everything else now)):
+                ended += 1
+                log.info("run_interrupted", run_id=run_id, thread_id=thread_id,
+                         lease_until=rfc3339(lease_until) if lease_until else None)
+        return ended
+
+
+def _still_orphaned(run_id: str, lapsed_before: datetime | None) -> Any:
+    """A guard run inside the sweep's transaction: claims the run only if no one finished or renewed it."""
+
+    async def guard(session: AsyncSession) -> bool:
+        statement = update(Run).where(Run.id == run_id, Run.status.in_(UNFINISHED_STATUSES))
+        if lapsed_before is not None:
+            statement = statement.where(Run.lease_until < lapsed_before)
+        result = await session.execute(statement.values(status="interrupted"))
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    return guard
+
+
+def _message_out(row: dict[str, Any]) -> MessageOut:
+    return MessageOut.model_validate({
+        "id": row["id"], "thread_id": row["thread_id"], "role": row["role"], "content": row["content"],
+        "run_id": row["run_id"], "created_at": rfc3339(row["created_at"]), "metadata": row["meta"],
+    })

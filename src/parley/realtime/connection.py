@@ -1,0 +1,180 @@
+"""One WebSocket connection as an explicit state machine (incident pattern 4: double closes).
+
+CONNECTING → OPEN → CLOSING → CLOSED. The state is checked and moved without awaiting in between, so a close
+requested twice, or by both ends at once, sends at most one close frame, and never after the client's own
+close arrived. Only the writer task touches the socket's send side; producers append to a bounded queue,
+and a client too slow to drain it is disconnected (it resumes from the event log) instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections import deque
+from collections.abc import Callable
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from parley.observability.logging import get_logger
+
+log = get_logger("parley.ws")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008  # the client reads too slowly: its queue overflowed
+CLOSE_INTERNAL = 1011
+CLOSE_NOT_READY = 1013
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_RATE_LIMITED = 4429
+
+
+class ConnectionState(enum.Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Connection:
+    def __init__(self, websocket: WebSocket, connection_id: str, user_id: str, queue_max: int,
+                 on_closed: Callable[[Connection], None] | None = None) -> None:
+        self.websocket = websocket
+        self.id = connection_id
+        self.user_id = user_id
+        self.state = ConnectionState.CONNECTING
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.closed_by: str | None = None  # "server" or "client"
+        self._queue: deque[str] = deque()
+        self._queue_max = queue_max
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._writer: asyncio.Task[None] | None = None
+        self._on_closed = on_closed
+        self.sent = 0
+
+    # --- opening -------------------------------------------------------------------------------------------
+    async def accept(self, subprotocol: str | None) -> None:
+        if self.state is not ConnectionState.CONNECTING:
+            return
+        await self.websocket.accept(subprotocol=subprotocol)
+        self.state = ConnectionState.OPEN
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
+
+    async def reject(self, code: int, reason: str) -> None:
+        """Accepts and at once closes with `code`, so a browser can read why (a refused handshake hides it)."""
+        if self.state is not ConnectionState.CONNECTING:
+            return
+        await self.websocket.accept(subprotocol=self._offered_subprotocol())
+        self.state = ConnectionState.OPEN
+        self._writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.id}")
+        self.close(code, reason)
+        await self.wait_closed()
+
+    def _offered_subprotocol(self) -> str | None:
+        offered = self.websocket.scope.get("subprotocols") or []
+        return "parley.v1" if "parley.v1" in offered else None
+
+    # --- sending -------------------------------------------------------------------------------------------
+    def send(self, text: str) -> bool:
+        """Queues a message without waiting. A full queue means the client is too slow: it is disconnected."""
+        if self.state is not ConnectionState.OPEN:
+            return False
+        if len(self._queue) >= self._queue_max:
+            log.warning("ws_slow_client_disconnected", connection_id=self.id, user_id=self.user_id,
+                        queued=len(self._queue))
+            self.close(CLOSE_POLICY, "client too slow; resubscribe with after_seq")
+            return False
+        self._queue.append(text)
+        if len(self._queue) >= self._queue_max:
+            self._room.clear()
+        self._wakeup.set()
+        return True
+
+    async def send_when_room(self, text: str) -> bool:
+        """Queues a message, first waiting for room (replays use this: a backlog is not a slow client)."""
+        while self.state is ConnectionState.OPEN and len(self._queue) >= self._queue_max:
+            self._room.clear()
+            await self._room.wait()
+        return self.send(text)
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._queue and self.state is ConnectionState.OPEN:
+                    text = self._queue.popleft()
+                    if len(self._queue) < self._queue_max:
+                        self._room.set()
+                    try:
+                        await self.websocket.send_text(text)
+                    except (WebSocketDisconnect, OSError):
+                        self._client_gone(None)
+                        return
+                    self.sent += 1
+                if self.state is ConnectionState.CLOSING:
+                    await self._send_close()
+                    return
+                if self.state is ConnectionState.CLOSED:
+                    return
+        finally:
+            self._room.set()
+
+    # --- closing -------------------------------------------------------------------------------------------
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
+        """Asks for the connection to close with `code`; queued messages are dropped. Idempotent."""
+        if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
+            return
+        if self.state is ConnectionState.CONNECTING:
+            self._finish(code, reason, "server")
+            return
+        self.state = ConnectionState.CLOSING
+        self.close_code, self.close_reason, self.closed_by = code, reason, "server"
+        self._queue.clear()
+        self._wakeup.set()
+
+    def client_closed(self, code: int | None) -> None:
+        """The reader saw the client's close (or the socket drop): nothing may be sent any more."""
+        self._client_gone(code)
+
+    def _client_gone(self, code: int | None) -> None:
+        if self.state is ConnectionState.CLOSED:
+            return
+        if self.state is not ConnectionState.CLOSING:
+            self.close_code, self.closed_by = code, "client"
+        self._finish(self.close_code, self.close_reason, self.closed_by or "client")
+
+    async def _send_close(self) -> None:
+        # Only the writer gets here, once, in state CLOSING: the one place a close frame is ever sent.
+        with contextlib.suppress(WebSocketDisconnect, OSError):  # the client's close crossed ours: closed anyway
+            await self.websocket.close(code=self.close_code or CLOSE_NORMAL, reason=self.close_reason[:120])
+        self._finish(self.close_code, self.close_reason, "server")
+
+    def _finish(self, code: int | None, reason: str, by: str) -> None:
+        if self.state is ConnectionState.CLOSED:
+            return
+        self.state = ConnectionState.CLOSED
+        self.close_code, self.close_reason, self.closed_by = code, reason, by
+        self._queue.clear()
+        self._wakeup.set()
+        self._room.set()
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+    async def wait_closed(self) -> None:
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+    async def shutdown(self) -> None:
+        """Waits for the writer to end (after a close); cancels it if the client never lets it finish."""
+        if self._writer is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writer), timeout=5)
+        except TimeoutError:
+            self._writer.cancel()
+        self._finish(self.close_code, self.close_reason, self.closed_by or "server")

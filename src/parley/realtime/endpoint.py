@@ -1,0 +1,144 @@
+"""`/ws`: authenticate (header, subprotocol or single-use ticket), greet, then read and dispatch messages.
+
+The reader is the connection's only receiver and the writer task its only sender; every exit path goes
+through one `finally` that closes the feeds and the connection exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from parley.auth.ratelimit import SlidingWindowLimiter
+from parley.auth.tokens import Principal
+from parley.clock import rfc3339, utcnow
+from parley.errors import ParleyError, Unauthorized
+from parley.http.deps import AppServices, bearer_token, get_services
+from parley.ids import new_id
+from parley.observability.logging import get_logger
+from parley.realtime.connection import (
+    CLOSE_INTERNAL,
+    CLOSE_NOT_READY,
+    CLOSE_RATE_LIMITED,
+    CLOSE_UNAUTHORIZED,
+    Connection,
+    ConnectionState,
+)
+from parley.realtime.events import EventType
+from parley.realtime.protocol import ProtocolError, parse_client_message
+from parley.realtime.session import ClientSession
+from parley.storage.database import is_database_unavailable
+
+log = get_logger("parley.ws")
+
+SUBPROTOCOL = "parley.v1"
+BEARER_PREFIX = "bearer."
+
+
+async def _authenticate(websocket: WebSocket, services: AppServices) -> tuple[Principal, str | None]:
+    """Returns the caller and the subprotocol to select; raises Unauthorized."""
+    offered: list[str] = list(websocket.scope.get("subprotocols") or [])
+    selected = SUBPROTOCOL if SUBPROTOCOL in offered else None
+    token = bearer_token(websocket)
+    if token is None:
+        token = next((p[len(BEARER_PREFIX):] for p in offered if p.startswith(BEARER_PREFIX)), None)
+    if token is not None:
+        return services.auth.codec.verify(token), selected
+    params = websocket.query_params
+    if "token" in params or "access_token" in params:
+        raise Unauthorized("Access tokens are not accepted in the URL; use a ticket from POST /api/ws/ticket.")
+    ticket = params.get("ticket")
+    if ticket:
+        async with services.database.session() as session:
+            user = await services.auth.redeem_ws_ticket(session, ticket[:512])
+        return Principal(user_id=user.id, role=user.role, token_id="ticket"), selected
+    raise Unauthorized("Authenticate with a bearer token (header or subprotocol) or a ticket.")
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    services = get_services(websocket)
+    hub = services.realtime.hub
+    connection = Connection(websocket, new_id(), user_id="", queue_max=services.settings.ws_send_queue_max,
+                            on_closed=hub.unregister)
+    if not hub.accepting:
+        await connection.reject(CLOSE_NOT_READY, "service not ready")
+        return
+    try:
+        principal, subprotocol = await _authenticate(websocket, services)
+    except Unauthorized as exc:
+        await connection.reject(CLOSE_UNAUTHORIZED, exc.message)
+        return
+    except ParleyError as exc:  # the database is unavailable while redeeming a ticket
+        await connection.reject(CLOSE_NOT_READY, exc.message)
+        return
+    if hub.user_is_full(principal.user_id):
+        await connection.reject(CLOSE_RATE_LIMITED, "too many connections for this user")
+        return
+    connection.user_id = principal.user_id
+    await connection.accept(subprotocol)
+    hub.register(connection)
+    session = ClientSession(connection, principal, services.realtime.session_services)
+    opened = time.monotonic()
+    session.send(EventType.CONNECTED, {
+        "connection_id": connection.id, "user_id": principal.user_id, "protocol": SUBPROTOCOL,
+        "heartbeat_s": services.settings.ws_heartbeat_s, "server_time": rfc3339(utcnow())})
+    try:
+        await _read_loop(websocket, connection, session, services)
+    except Exception:  # the connection's boundary: log with context and close cleanly with 1011
+        log.exception("ws_connection_failed", connection_id=connection.id, user_id=principal.user_id)
+        connection.close(CLOSE_INTERNAL, "internal error")
+    finally:
+        session.close()
+        connection.close(CLOSE_INTERNAL, "internal error")  # a no-op unless something above left it open
+        await connection.shutdown()
+        hub.unregister(connection)
+        log.info("ws_closed", connection_id=connection.id, user_id=principal.user_id, code=connection.close_code,
+                 by=connection.closed_by, duration_s=round(time.monotonic() - opened, 3))
+
+
+async def _read_loop(websocket: WebSocket, connection: Connection, session: ClientSession,
+                     services: AppServices) -> None:
+    router = services.realtime.router
+    per_minute = services.settings.ws_messages_per_minute
+    # Over the limit a message is answered with an error; at twice the limit the connection is closed.
+    soft = SlidingWindowLimiter(per_minute, 60.0, max_keys=1)
+    hard = SlidingWindowLimiter(per_minute * 2, 60.0, max_keys=1)
+    while connection.state is ConnectionState.OPEN:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            connection.client_closed(message.get("code"))
+            return
+        if connection.state is not ConnectionState.OPEN:
+            return  # closing: whatever the client still says is not answered
+        if hard.hit("messages") is not None:
+            connection.close(CLOSE_RATE_LIMITED, "too many messages")
+            return
+        if soft.hit("messages") is not None:
+            session.send_error("rate_limited", "Too many messages; slow down.")
+            continue
+        await _handle_frame(message, connection, session, router)
+
+
+async def _handle_frame(message: Mapping[str, Any], connection: Connection, session: ClientSession,
+                        router: Any) -> None:
+    frame = message.get("text")
+    if frame is None:
+        frame = message.get("bytes") or b""
+    request_id: str | None = None
+    try:
+        parsed = parse_client_message(frame)
+        request_id = parsed.id
+        await router.dispatch(session, parsed)
+    except ProtocolError as exc:
+        session.send_error(exc.code, exc.message, exc.request_id)
+    except ParleyError as exc:
+        session.send_error(exc.code, exc.message, request_id)
+    except Exception as exc:  # one message failed; the connection lives on
+        if is_database_unavailable(exc):
+            session.send_error("database_unavailable", "The database is unavailable; retry shortly.", request_id)
+            return
+        log.exception("ws_message_failed", connection_id=connection.id, user_id=connection.user_id)
+        session.send_error("internal_error", "An internal error occurred; it has been logged.", request_id)

@@ -1,0 +1,311 @@
+"""The per-thread event log and its single writer, which stores events in group commits before they are sent.
+
+Producers hand the writer `WriteRequest`s (events, and the rows that must change with them: messages, runs).
+One task takes everything queued, reserves gapless `seq` numbers per thread with one UPDATE of the thread row
+(which also serialises writers of that thread across processes), inserts it all in one transaction, and
+only after the commit resolves the producers and publishes the events. A database outage is retried with
+backoff; a request that fails on its own (a deleted thread, a duplicate key) fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from parley.clock import utcnow
+from parley.errors import NotFound
+from parley.health.components import ComponentHealth
+from parley.observability.logging import describe, get_logger
+from parley.realtime.bus import EventBus
+from parley.realtime.events import NewEvent, StoredEvent
+from parley.storage.database import Database, is_database_unavailable
+from parley.storage.models import Message, Run, RunEvent, Thread
+
+log = get_logger("parley.event_log")
+
+
+class ThreadGone(NotFound):
+    message = "The thread no longer exists."
+
+
+@dataclass(frozen=True, slots=True)
+class RunChange:
+    """New values for some columns of one run."""
+
+    run_id: str
+    values: dict[str, Any]
+
+
+@dataclass(slots=True)
+class WriteRequest:
+    events: Sequence[NewEvent] = ()
+    messages: Sequence[dict[str, Any]] = ()  # Message rows (attribute names)
+    runs: Sequence[dict[str, Any]] = ()  # Run rows (attribute names)
+    run_changes: Sequence[RunChange] = ()
+    future: asyncio.Future[list[StoredEvent]] = field(default_factory=lambda: _new_future())
+
+    def thread_ids(self) -> set[str]:
+        ids = {event.thread_id for event in self.events}
+        ids.update(row["thread_id"] for row in self.messages)
+        ids.update(row["thread_id"] for row in self.runs)
+        return ids
+
+
+class EventLog:
+    name = "event_log"
+
+    def __init__(self, database: Database, bus: EventBus, *, batch_max: int, queue_max: int,
+                 retry_max_s: float = 2.0) -> None:
+        self.database = database
+        self.bus = bus
+        self.batch_max = batch_max
+        self.retry_max_s = retry_max_s
+        self._queue: asyncio.Queue[WriteRequest] = asyncio.Queue(maxsize=queue_max)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.last_error: str | None = None
+        self.failing_since: float | None = None
+        self.events_stored = 0
+        self.batches = 0
+        self.last_commit_ms: float | None = None
+
+    # --- producing -----------------------------------------------------------------------------------------
+    async def write(self, request: WriteRequest, wait: bool = True) -> list[StoredEvent]:
+        """Queues `request`; with `wait`, returns its stored events once committed (or raises its error).
+
+        Without `wait` it returns at once (after waiting for queue space, the backpressure); the events are
+        still stored before anyone is sent them."""
+        if self._stopping or self._task is None:
+            raise RuntimeError("the event log is not running")
+        if not wait:
+            request.future.add_done_callback(_consume_exception)
+        await self._queue.put(request)
+        return await request.future if wait else []
+
+    async def append(self, event: NewEvent, **changes: Any) -> None:
+        await self.write(WriteRequest(events=[event], **changes), wait=False)
+
+    async def write_guarded(self, request: WriteRequest, guard: Callable[[AsyncSession], Awaitable[bool]]) -> bool:
+        """Stores `request` in a transaction of its own, only if `guard` (run first, inside it) agrees.
+
+        For rare writes that must win a race exactly once (the sweeper ending an orphaned run)."""
+        now = utcnow()
+        async with self.database.sessionmaker() as session, session.begin():
+            if not await guard(session):
+                return False
+            bases = await self._reserve(session, [request], now)
+            if any(base is None for base in bases.values()):
+                raise ThreadGone()
+            results = self._number([request], bases, now)
+            await self._insert(session, [request], results)
+        await self._deliver([(request, results[0])])
+        return True
+
+    # --- reading -------------------------------------------------------------------------------------------
+    @staticmethod
+    async def read(session: AsyncSession, thread_id: str, after_seq: int, limit: int) -> list[StoredEvent]:
+        rows = await session.execute(
+            select(RunEvent.seq, RunEvent.run_id, RunEvent.type, RunEvent.payload, RunEvent.created_at)
+            .where(RunEvent.thread_id == thread_id, RunEvent.seq > after_seq)
+            .order_by(RunEvent.seq)
+            .limit(limit)
+        )
+        return [StoredEvent.make(thread_id, seq, run_id, type_, payload, created_at)
+                for seq, run_id, type_, payload, created_at in rows]
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="parley-event-log-writer")
+
+    async def stop(self, deadline_s: float = 10.0) -> None:
+        """Stores what is queued (within the deadline), then stops; what could not be stored fails."""
+        self._stopping = True
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout=deadline_s)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("the event log stopped before storing this"))
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def health(self) -> ComponentHealth:
+        if self._task is None or self._task.done():
+            return ComponentHealth("unhealthy", detail="event log writer is not running")
+        if self.failing_since is not None:
+            return ComponentHealth("unhealthy", detail=f"cannot store events for "
+                                   f"{time.monotonic() - self.failing_since:.0f} s; retrying")
+        return ComponentHealth("healthy")
+
+    # --- the writer ----------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit_with_retry(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit_with_retry(self, batch: list[WriteRequest]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self._commit_isolating_failures(batch)
+            except Exception as exc:
+                if not is_database_unavailable(exc) or self._stopping:
+                    _fail_all(batch, exc)
+                    return
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                    log.warning("event_log_write_failed", reason=describe(exc), pending=len(batch))
+                self.last_error = describe(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            if self.failing_since is not None:
+                log.info("event_log_recovered", outage_s=round(time.monotonic() - self.failing_since, 3))
+            self.failing_since = None
+            return
+
+    async def _commit_isolating_failures(self, batch: list[WriteRequest]) -> None:
+        try:
+            stored = await self._commit(batch)
+        except Exception as exc:
+            if is_database_unavailable(exc) or len(batch) == 1:
+                raise
+            # One request broke the batch (a duplicate key, say): store the others one by one.
+            for request in batch:
+                try:
+                    await self._commit_isolating_failures([request])
+                except Exception as single_exc:
+                    if is_database_unavailable(single_exc):
+                        raise
+                    _fail_all([request], single_exc)
+            return
+        await self._deliver(stored)
+
+    async def _commit(self, batch: list[WriteRequest]) -> list[tuple[WriteRequest, list[StoredEvent]]]:
+        live = [request for request in batch if not request.future.done()]
+        now = utcnow()
+        started = time.perf_counter()
+        async with self.database.sessionmaker() as session, session.begin():
+            bases = await self._reserve(session, live, now)
+            gone = {thread_id for thread_id, base in bases.items() if base is None}
+            if gone:
+                for request in live:
+                    if request.thread_ids() & gone:
+                        _fail_all([request], ThreadGone())
+                live = [request for request in live if not request.thread_ids() & gone]
+            results = self._number(live, bases, now)
+            await self._insert(session, live, results)
+        self.batches += 1
+        self.last_commit_ms = (time.perf_counter() - started) * 1000
+        return list(zip(live, results, strict=True))
+
+    async def _reserve(self, session: AsyncSession, batch: list[WriteRequest],
+                       now: datetime) -> dict[str, int | None]:
+        """Moves each touched thread's counters in one UPDATE and returns the seq before this batch."""
+        events: dict[str, int] = defaultdict(int)
+        messages: dict[str, int] = defaultdict(int)
+        threads: set[str] = set()
+        for request in batch:
+            threads.update(request.thread_ids())
+            for event in request.events:
+                events[event.thread_id] += 1
+            for row in request.messages:
+                messages[row["thread_id"]] += 1
+        bases: dict[str, int | None] = {}
+        for thread_id in sorted(threads):  # one lock order in every process: no deadlocks
+            values: dict[str, Any] = {"last_seq": Thread.last_seq + events[thread_id]}
+            if messages[thread_id]:
+                values.update(message_count=Thread.message_count + messages[thread_id], last_message_at=now,
+                              updated_at=now)
+            result = await session.execute(
+                update(Thread).where(Thread.id == thread_id).values(**values).returning(Thread.last_seq)
+            )
+            last = result.scalar_one_or_none()
+            bases[thread_id] = None if last is None else last - events[thread_id]
+        return bases
+
+    @staticmethod
+    def _number(batch: list[WriteRequest], bases: dict[str, int | None],
+                now: datetime) -> list[list[StoredEvent]]:
+        next_seq = {thread_id: base for thread_id, base in bases.items() if base is not None}
+        results = []
+        for request in batch:
+            stored = []
+            for event in request.events:
+                next_seq[event.thread_id] += 1
+                stored.append(StoredEvent.make(event.thread_id, next_seq[event.thread_id], event.run_id,
+                                               str(event.type), event.payload, now))
+            results.append(stored)
+        return results
+
+    @staticmethod
+    async def _insert(session: AsyncSession, batch: list[WriteRequest], results: list[list[StoredEvent]]) -> None:
+        runs = [row for request in batch for row in request.runs]
+        if runs:
+            await session.execute(insert(Run), runs)
+        messages = [row for request in batch for row in request.messages]
+        if messages:
+            await session.execute(insert(Message), messages)
+        rows = [{"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type,
+                 "payload": e.payload, "created_at": e.created_at} for stored in results for e in stored]
+        if rows:
+            await session.execute(insert(RunEvent), rows)
+        changes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+        for request in batch:
+            for change in request.run_changes:
+                changes[tuple(sorted(change.values))].append(
+                    {"b_run_id": change.run_id, **{f"b_{k}": v for k, v in change.values.items()}})
+        table = Run.__table__
+        assert isinstance(table, Table)
+        for columns, params in changes.items():
+            statement = (update(table).where(table.c.id == bindparam("b_run_id"))
+                         .values({column: bindparam(f"b_{column}") for column in columns}))
+            await session.execute(statement, params)
+
+    async def _deliver(self, stored: list[tuple[WriteRequest, list[StoredEvent]]]) -> None:
+        events = [event for _, batch_events in stored for event in batch_events]
+        self.events_stored += len(events)
+        for request, request_events in stored:
+            if not request.future.done():
+                request.future.set_result(request_events)
+        if events:
+            await self.bus.publish(events)
+
+
+def _new_future() -> asyncio.Future[list[StoredEvent]]:
+    return asyncio.get_running_loop().create_future()
+
+
+def _fail_all(batch: list[WriteRequest], exc: BaseException) -> None:
+    for request in batch:
+        if not request.future.done():
+            request.future.set_exception(exc)
+
+
+def _consume_exception(future: asyncio.Future[list[StoredEvent]]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("unawaited_write_failed", reason=describe(future.exception()))  # type: ignore[arg-type]

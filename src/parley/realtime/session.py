@@ -1,0 +1,171 @@
+"""What one authenticated WebSocket connection can do: a handler for every client message type.
+
+Handlers answer with `ack` or `error` (echoing the client's `id`); no failure of one message ends the
+connection. Subscriptions are `ThreadFeed`s that write into the connection's queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from parley.agents.runs import RunManager, Submission
+from parley.auth.tokens import Principal
+from parley.clock import utcnow
+from parley.errors import ParleyError
+from parley.observability.logging import get_logger
+from parley.realtime.bus import EventBus
+from parley.realtime.connection import CLOSE_NORMAL, Connection
+from parley.realtime.event_log import EventLog
+from parley.realtime.events import EventType, StoredEvent, envelope
+from parley.realtime.feed import ThreadFeed
+from parley.realtime.protocol import (
+    ClientMessage,
+    ClientMessageType,
+    Handler,
+    MessageRouter,
+    StartAgentPayload,
+    StopAgentPayload,
+    SubscribePayload,
+    UnsubscribePayload,
+    UserMessagePayload,
+)
+from parley.storage.database import Database
+from parley.threads.repository import ThreadRepository
+from parley.threads.schemas import ThreadOut
+
+log = get_logger("parley.ws")
+
+MAX_SUBSCRIPTIONS = 100
+TITLE_FROM_CONTENT = 60
+
+
+@dataclass(frozen=True)
+class SessionServices:
+    database: Database
+    bus: EventBus
+    runs: RunManager
+
+
+class ClientSession:
+    def __init__(self, connection: Connection, principal: Principal, services: SessionServices) -> None:
+        self.connection = connection
+        self.principal = principal
+        self.services = services
+        self.feeds: dict[str, ThreadFeed] = {}
+
+    # --- sending -------------------------------------------------------------------------------------------
+    def send(self, type_: EventType, payload: dict[str, Any], request_id: str | None = None,
+             thread_id: str | None = None) -> None:
+        self.connection.send(envelope(type_, payload, request_id=request_id, thread_id=thread_id, ts=utcnow()))
+
+    def send_error(self, code: str, message: str, request_id: str | None = None) -> None:
+        self.send(EventType.ERROR, {"code": code, "message": message}, request_id)
+
+    # --- subscriptions -------------------------------------------------------------------------------------
+    async def subscribe(self, thread_id: str, after_seq: int) -> None:
+        old = self.feeds.pop(thread_id, None)
+        if old is not None:
+            old.close()
+        if len(self.feeds) >= MAX_SUBSCRIPTIONS:
+            raise ParleyError(f"At most {MAX_SUBSCRIPTIONS} threads per connection.", code="too_many_subscriptions")
+        feed = ThreadFeed(thread_id, after_seq, self._read_events, self._send_live, self._send_replayed)
+        self.feeds[thread_id] = feed
+        await feed.start(self.services.bus)
+
+    def _send_live(self, event: StoredEvent) -> bool:
+        return self.connection.send(event.wire)
+
+    async def _send_replayed(self, event: StoredEvent) -> bool:
+        return await self.connection.send_when_room(event.wire)
+
+    async def _read_events(self, thread_id: str, after_seq: int, limit: int) -> list[StoredEvent]:
+        async with self.services.database.session() as session:
+            return await EventLog.read(session, thread_id, after_seq, limit)
+
+    def close(self) -> None:
+        for feed in self.feeds.values():
+            feed.close()
+        self.feeds.clear()
+
+    # --- handlers ------------------------------------------------------------------------------------------
+    async def on_ping(self, message: ClientMessage[Any]) -> None:
+        self.send(EventType.PONG, {}, message.id)
+
+    async def on_user_message(self, message: ClientMessage[UserMessagePayload]) -> None:
+        body = message.payload
+        await self._converse(message.id, body.thread_id, body.content, body.agent, body.on_busy,
+                             body.client_message_id)
+
+    async def on_start_agent(self, message: ClientMessage[StartAgentPayload]) -> None:
+        body = message.payload
+        await self._converse(message.id, body.thread_id, body.input, body.agent, body.on_busy, None)
+
+    async def _converse(self, request_id: str | None, thread_id: str | None, content: str, agent: str | None,
+                        on_busy: str, client_message_id: str | None) -> None:
+        user_id = self.principal.user_id
+        async with self.services.database.session() as session:
+            threads = ThreadRepository(session)
+            if thread_id is None:
+                thread = await threads.create(user_id, _title_from(content), None)
+                await session.commit()
+                self.send(EventType.THREAD_CREATED, {"thread": ThreadOut.of(thread).model_dump()}, request_id,
+                          thread.id)
+            else:
+                thread = await threads.get_for_user(user_id, thread_id)
+            submission = await self.services.runs.submit(
+                session, thread, content, agent=agent, on_busy=on_busy, client_message_id=client_message_id,
+                request_id=request_id or self.connection.id, is_admin=self.principal.is_admin)
+        self.send(EventType.ACK, {"message_id": submission.message.id, "run_id": submission.run.id,
+                                  "thread_id": thread.id}, request_id, thread.id)
+        if thread.id not in self.feeds:
+            await self.subscribe(thread.id, await self._resume_point(submission, thread.last_seq))
+        self.services.runs.launch(submission)
+
+    async def _resume_point(self, submission: Submission, thread_last_seq: int) -> int:
+        if submission.message_seq is not None:
+            return submission.message_seq  # the client knows its own message: start with the run
+        return thread_last_seq
+
+    async def on_stop_agent(self, message: ClientMessage[StopAgentPayload]) -> None:
+        async with self.services.database.session() as session:
+            run = await self.services.runs.cancel(session, self.principal.user_id, message.payload.run_id)
+        self.send(EventType.ACK, {"run_id": run.id, "status": run.status}, message.id, run.thread_id)
+
+    async def on_subscribe(self, message: ClientMessage[SubscribePayload]) -> None:
+        body = message.payload
+        async with self.services.database.session() as session:
+            thread = await ThreadRepository(session).get_for_user(self.principal.user_id, body.thread_id)
+        self.send(EventType.ACK, {"thread_id": thread.id, "after_seq": body.after_seq}, message.id, thread.id)
+        await self.subscribe(thread.id, body.after_seq)
+
+    async def on_unsubscribe(self, message: ClientMessage[UnsubscribePayload]) -> None:
+        feed = self.feeds.pop(message.payload.thread_id, None)
+        if feed is not None:
+            feed.close()
+        self.send(EventType.ACK, {"thread_id": message.payload.thread_id}, message.id)
+
+    async def on_disconnect(self, message: ClientMessage[Any]) -> None:
+        self.connection.close(CLOSE_NORMAL, "bye")
+
+
+def _title_from(content: str) -> str:
+    line = " ".join(content.split())
+    return line if len(line) <= TITLE_FROM_CONTENT else line[: TITLE_FROM_CONTENT - 1].rstrip() + "…"
+
+
+# The one table of handlers; `MessageRouter` refuses to be built if a message type is missing from it.
+HANDLERS: dict[ClientMessageType, Handler] = {
+    ClientMessageType.PING: ClientSession.on_ping,
+    ClientMessageType.USER_MESSAGE: ClientSession.on_user_message,
+    ClientMessageType.START_AGENT: ClientSession.on_start_agent,
+    ClientMessageType.STOP_AGENT: ClientSession.on_stop_agent,
+    ClientMessageType.SUBSCRIBE: ClientSession.on_subscribe,
+    ClientMessageType.UNSUBSCRIBE: ClientSession.on_unsubscribe,
+    ClientMessageType.DISCONNECT: ClientSession.on_disconnect,
+}
+
+
+def build_router() -> MessageRouter:
+    return MessageRouter(HANDLERS)
+
