@@ -121,6 +121,10 @@ class Server:
             time.sleep(0.1)
         raise BenchmarkError(f"{self.name} did not answer {path} within {READY_TIMEOUT_S}s:\n{self.log_tail()}")
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
@@ -334,18 +338,23 @@ def summarise(samples: dict[str, list[Sample]]) -> dict[str, Any]:
         return statistics.median(float(getattr(top, field)) / float(getattr(bottom, field))
                                  for top, bottom in zip(samples[numerator], samples[denominator], strict=True))
 
-    medians = {name: {field: round(median(name, field), 3) for field in ("requests_per_s", "p50_ms", "p99_ms")}
-               for name in samples}
+    fields = ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_request")
+    medians = {name: {field: round(median(name, field), 3) for field in fields} for name in samples}
+    p50_ranges = {name: [min(sample.p50_ms for sample in runs), max(sample.p50_ms for sample in runs)]
+                  for name, runs in samples.items()}
     large_vs_small = paired_ratio(LARGE_NAME, SMALL_NAME)
     ratios = {
         "p50_10000_vs_10": round(large_vs_small, 3),
         "p50_10_vs_baseline": round(paired_ratio(SMALL_NAME, BASELINE), 3),
         "p50_10000_vs_baseline": round(paired_ratio(LARGE_NAME, BASELINE), 3),
         "p50_info_log_vs_warning": round(paired_ratio(SMALL_INFO_NAME, SMALL_NAME), 3),
+        "server_cpu_info_log_vs_warning": round(
+            paired_ratio(SMALL_INFO_NAME, SMALL_NAME, "server_cpu_ms_per_request"), 3),
         "requests_per_s_10_vs_baseline": round(paired_ratio(SMALL_NAME, BASELINE, "requests_per_s"), 3),
     }
     return {
         "medians": medians,
+        "p50_ms_min_max_over_rounds": p50_ranges,
         "ratios": ratios,
         "target": {"p50_10000_vs_10_at_most": TARGET_RATIO, "met": large_vs_small <= TARGET_RATIO},
         "rounds": {name: [asdict(sample) for sample in runs] for name, runs in samples.items()},
@@ -356,27 +365,34 @@ def summarise(samples: dict[str, list[Sample]]) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
-    print("\n| database | target | req/s | p50 ms | p99 ms | p50 vs baseline |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n| database | target | req/s | p50 ms | p99 ms | p50 ms, min-max over rounds | server CPU ms/request |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for kind, result in results.items():
-        medians = result["medians"]
-        base_p50 = medians[BASELINE]["p50_ms"]
-        for name, figures in medians.items():
+        for name, figures in result["medians"].items():
+            low, high = result["p50_ms_min_max_over_rounds"][name]
             print(f"| {kind} | {name} | {figures['requests_per_s']:.0f} | {figures['p50_ms']:.2f} | "
-                  f"{figures['p99_ms']:.2f} | {figures['p50_ms'] / base_p50:.2f}x |")
+                  f"{figures['p99_ms']:.2f} | {low:.2f}-{high:.2f} | {figures['server_cpu_ms_per_request']:.3f} |")
     print()
     for kind, result in results.items():
         ratios, met = result["ratios"], result["target"]["met"]
         print(f"{kind}: p50(10,000)/p50(10) = {ratios['p50_10000_vs_10']:.2f} (target <= {TARGET_RATIO}: "
-              f"{'MET' if met else 'MISSED'}); p50 parley(10)/baseline = {ratios['p50_10_vs_baseline']:.2f}; "
-              f"INFO/WARNING logging p50 = {ratios['p50_info_log_vs_warning']:.2f}")
+              f"{'MET' if met else 'MISSED'})")
+        print(f"  p50 vs baseline: 10 threads {ratios['p50_10_vs_baseline']:.1f}x, "
+              f"10,000 threads {ratios['p50_10000_vs_baseline']:.1f}x")
+        print(f"  INFO vs WARNING logging: p50 {ratios['p50_info_log_vs_warning']:.2f}x, "
+              f"server CPU per request {ratios['server_cpu_info_log_vs_warning']:.2f}x")
 
 
 def environment() -> dict[str, Any]:
     packages = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "sqlalchemy", "aiosqlite", "asyncpg",
                 "pydantic")
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0]
+    git = ["git", "-C", str(BENCH_DIR.parent)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout
     return {
+        "parley_commit": commit,
+        "src_has_uncommitted_changes": bool(changed.strip()),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -76,6 +76,9 @@ def make_settings(tmp_path: Path, database_url: str) -> SettingsFactory:
             "register_rate_limit": 10_000,
             "login_rate_limit": 10_000,
             "shutdown_deadline_s": 10,
+            # Cheap hashes: the suite registers hundreds of accounts; production keeps the default cost.
+            "password_hash_memory_kib": 1024,
+            "password_hash_time_cost": 1,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -21,12 +21,9 @@ from parley.agents.assistant import Assistant
 from parley.agents.base import Agent, AgentRegistry
 from parley.agents.routes import router as runs_router
 from parley.agents.runs import RunManager
-from parley.auth.passwords import Passwords
 from parley.auth.ratelimit import SlidingWindowLimiter
 from parley.auth.routes import router as auth_router
-from parley.auth.secret import resolve_jwt_secret
 from parley.auth.service import AuthService
-from parley.auth.tokens import TokenCodec
 from parley.health.components import Component, Lifecycle
 from parley.health.routes import router as health_router
 from parley.http.deps import AppServices, RateLimits
@@ -76,9 +73,7 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
     if settings.is_sqlite or settings.jwt_secret is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     database = Database(settings)
-    codec = TokenCodec(resolve_jwt_secret(settings), settings.jwt_issuer, settings.jwt_audience,
-                       settings.access_token_ttl_s)
-    auth = AuthService(settings, Passwords(), codec)
+    auth = AuthService.from_settings(settings)
     window, keys = settings.login_rate_window_s, settings.rate_limit_max_keys
     rate_limits = RateLimits(
         login_by_address=SlidingWindowLimiter(settings.login_rate_limit * 5, window, keys),
@@ -87,7 +82,8 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
     )
 
     bus = InProcessEventBus()
-    event_log = EventLog(database, bus, batch_max=settings.event_log_batch_max,
+    writer_database = Database(settings, pool_size=1, max_overflow=1)
+    event_log = EventLog(writer_database, bus, batch_max=settings.event_log_batch_max,
                          queue_max=settings.event_log_queue_max)
     llm = build_llm(settings)
     tools = ToolRegistry([SearchThreadsTool(database), CurrentTimeTool(), CalculatorTool(), *extra_tools])

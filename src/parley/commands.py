@@ -7,10 +7,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from parley.auth.passwords import Passwords
-from parley.auth.secret import SECRET_FILE, resolve_jwt_secret
+from parley.auth.secret import SECRET_FILE
 from parley.auth.service import AuthService
-from parley.auth.tokens import TokenCodec
 from parley.errors import ParleyError
 from parley.settings import Settings
 from parley.storage.database import Database
@@ -48,9 +46,7 @@ async def create_user(settings: Settings, email: str, password: str, display_nam
         if not report.ok:
             _say(f"parley: {report.problem()}")
             return 1
-        codec = TokenCodec(resolve_jwt_secret(settings), settings.jwt_issuer, settings.jwt_audience,
-                           settings.access_token_ttl_s)
-        auth = AuthService(settings, Passwords(), codec)
+        auth = AuthService.from_settings(settings)
         async with database.session() as session:
             try:
                 user = await auth.create_user(session, email, password, display_name,

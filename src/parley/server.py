@@ -46,6 +46,12 @@ class ParleyServer(uvicorn.Server):
             return True
         return await super().on_tick(counter)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Readiness says `draining` and streams end before uvicorn waits for connections to finish.
+        if self.services is not None:
+            self.services.lifecycle.begin_drain()
+        await super().shutdown(sockets)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         """As uvicorn's, without re-raising the signal afterwards: a graceful stop exits with status 0."""

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     access_token_ttl_s: int = Field(default=900, ge=60, le=86400)
     refresh_token_ttl_s: int = Field(default=30 * 86400, ge=3600, le=365 * 86400)
     ws_ticket_ttl_s: int = Field(default=60, ge=5, le=60)
+    # argon2id cost: RFC 9106's second recommended setting by default (64 MiB, 3 passes, 4 lanes).
+    password_hash_memory_kib: int = Field(default=65_536, ge=1024, le=4_194_304)
+    password_hash_time_cost: int = Field(default=3, ge=1, le=20)
     login_rate_limit: int = Field(default=10, ge=1, le=10_000)
     login_rate_window_s: float = Field(default=300.0, gt=0, le=86400)
     register_rate_limit: int = Field(default=20, ge=1, le=10_000)

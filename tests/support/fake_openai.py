@@ -5,6 +5,7 @@ It records every request it receives; each POST takes the next scripted reply (t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -266,7 +267,5 @@ async def _wait_or_disconnect(receive: Receive, seconds: float) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(disconnected(), timeout=seconds)
-    except TimeoutError:
-        pass

@@ -11,9 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parley.llm.base import ChatMessage, LLMChunk, LLMRequest, TextDelta, ToolCall, ToolSpec, Usage
-from parley.llm.builtin import BuiltinProvider, split_tokens, tool_message_content
-from parley.tools.base import tool_spec
+from parley.llm.base import (
+    ChatMessage,
+    LLMChunk,
+    LLMRequest,
+    TextDelta,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    tool_message_content,
+)
+from parley.llm.builtin import BuiltinProvider, split_tokens
+from parley.tools.base import Tool, tool_spec
 from parley.tools.builtin import CalculatorTool, CurrentTimeTool, SearchThreadsTool
 
 MOMENT = datetime(2026, 11, 29, 14, 5, tzinfo=UTC)  # a Sunday
@@ -126,7 +135,7 @@ async def answer_after(text: str) -> str:
     provider = BuiltinProvider(0)
     first = await collect(provider, request(text))
     calls = [chunk for chunk in first if isinstance(chunk, ToolCall)]
-    tools = {"current_time": CurrentTimeTool(now=lambda: MOMENT), "calculator": CalculatorTool()}
+    tools: dict[str, Tool] = {"current_time": CurrentTimeTool(now=lambda: MOMENT), "calculator": CalculatorTool()}
     contents = []
     for call in calls:
         tool = tools[call.name]

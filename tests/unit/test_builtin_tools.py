@@ -18,7 +18,7 @@ from parley.llm.base import ToolCall
 from parley.storage.database import Database
 from parley.storage.migrate import upgrade
 from parley.storage.models import Message, Thread, User
-from parley.tools.base import ToolRegistry, tool_spec
+from parley.tools.base import Tool, ToolRegistry, tool_spec
 from parley.tools.builtin import CalculatorTool, CurrentTimeTool, SearchThreadsTool, snippet
 from parley.tools.dispatcher import ToolDispatcher, ToolOutcome
 from tests.conftest import SettingsFactory
@@ -31,7 +31,7 @@ def context(user_id: str = "user-a") -> UserExecutionContext:
                                 agent="assistant")
 
 
-async def call(tools: list[Any], name: str, arguments: dict[str, Any], user_id: str = "user-a") -> ToolOutcome:
+async def call(tools: list[Tool], name: str, arguments: dict[str, Any], user_id: str = "user-a") -> ToolOutcome:
     """Runs a tool the way a run does: through the dispatcher, which validates arguments with `Params`."""
     registry = ToolRegistry(tools)
     dispatcher = ToolDispatcher(context(user_id), registry.select([tool.name for tool in tools]))
@@ -110,7 +110,7 @@ async def test_calculator_failures_are_plain_tool_errors(arguments: dict[str, An
 
 
 def test_every_tool_describes_itself_for_users_and_models() -> None:
-    tools = [CurrentTimeTool(), CalculatorTool(), SearchThreadsTool(database=None)]  # type: ignore[arg-type]
+    tools: list[Tool] = [CurrentTimeTool(), CalculatorTool(), SearchThreadsTool(database=None)]  # type: ignore[arg-type]
     for tool in tools:
         spec = tool_spec(tool)
         assert len(spec.description) > 40

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import ClassVar
 
-import orjson
-
 from parley.agents.base import AgentEvent, AgentInput, Finished, TextChunk, Thinking, ToolFinished, ToolStarted
 from parley.agents.context import UserExecutionContext
-from parley.llm.base import ChatMessage, LLMRequest, TextDelta, ToolCall, Usage
+from parley.llm.base import ChatMessage, LLMRequest, TextDelta, ToolCall, Usage, tool_message_content
 from parley.tools.dispatcher import parse_arguments
 
 SYSTEM_PROMPT = (
@@ -17,12 +15,6 @@ SYSTEM_PROMPT = (
     "current_time for the date and time, calculator for arithmetic, search_threads to find what the user "
     "wrote in earlier conversations."
 )
-
-
-def tool_result_message(call_id: str, ok: bool, result: object, error: str | None) -> ChatMessage:
-    """How a tool's outcome is shown to the model: `{"ok", "result", "error"}` as JSON text."""
-    body = orjson.dumps({"ok": ok, "result": result, "error": error}, default=str).decode()
-    return ChatMessage(role="tool", content=body, tool_call_id=call_id)
 
 
 class Assistant:
@@ -61,5 +53,6 @@ class Assistant:
                 yield ToolStarted(call.id, call.name, parse_arguments(call.arguments) or {})
                 outcome = await run_input.dispatcher.execute(call)
                 yield ToolFinished(outcome)
-                messages.append(tool_result_message(call.id, outcome.ok, outcome.result, outcome.error))
+                messages.append(ChatMessage(role="tool", tool_call_id=call.id, content=tool_message_content(
+                    outcome.ok, outcome.result, outcome.error)))
         yield Finished(Usage(input_tokens, output_tokens, model, first_token_ms))

@@ -107,7 +107,9 @@ class RunManager:
     async def submit(self, session: AsyncSession, thread: Thread, content: str, *, agent: str | None,
                      on_busy: str, client_message_id: str | None, request_id: str,
                      is_admin: bool) -> Submission:
-        """Stores the user's message, its run (queued) and `message_created`; starts nothing (see `launch`)."""
+        """Stores the user's message, its run (queued) and `message_created`; starts nothing (see `launch`).
+
+        Ends the caller's transaction before waiting for the event log, so no pooled connection is held idle."""
         if len(content) > self.settings.max_message_chars:
             raise InvalidRequest(details=[{"field": "content", "type": "too_long",
                                            "message": f"at most {self.settings.max_message_chars} characters"}])
@@ -123,6 +125,7 @@ class RunManager:
         if sum(1 for run in self._local.values() if run.user_id == thread.user_id) >= \
                 self.settings.max_queued_runs_per_user:
             raise RateLimited("Too many runs are waiting; retry when some have finished.", retry_after=5)
+        await session.commit()
         if on_busy == "interrupt":
             for run_id in unfinished:
                 await self.request_cancel(run_id, "interrupted by a newer message")

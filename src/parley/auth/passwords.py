@@ -9,8 +9,9 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 
 class Passwords:
-    def __init__(self, hasher: PasswordHasher | None = None) -> None:
-        self._hasher = hasher or PasswordHasher()  # argon2id with the library's (RFC 9106) parameters
+    def __init__(self, memory_kib: int = 65_536, time_cost: int = 3) -> None:
+        # argon2id; hashes made with other parameters still verify and are upgraded at the next login.
+        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=4)
         self._dummy_hash: str | None = None
 
     async def hash(self, password: str) -> str:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.auth.passwords import Passwords
+from parley.auth.secret import resolve_jwt_secret
 from parley.auth.tokens import TokenCodec, new_opaque_token, token_digest
 from parley.clock import utcnow
 from parley.errors import Conflict, InvalidCredentials, Unauthorized
@@ -47,6 +48,13 @@ class AuthService:
         self.settings = settings
         self.passwords = passwords
         self.codec = codec
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuthService:
+        codec = TokenCodec(resolve_jwt_secret(settings), settings.jwt_issuer, settings.jwt_audience,
+                           settings.access_token_ttl_s)
+        passwords = Passwords(settings.password_hash_memory_kib, settings.password_hash_time_cost)
+        return cls(settings, passwords, codec)
 
     # --- accounts ------------------------------------------------------------------------------------------
     async def create_user(self, session: AsyncSession, email: str, password: str,

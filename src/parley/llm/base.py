@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import orjson
+
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
@@ -52,6 +54,12 @@ class Usage:
 
 
 LLMChunk = TextDelta | ToolCall | Usage
+
+
+def tool_message_content(ok: bool, result: Any = None, error: str | None = None) -> str:
+    """How a tool's outcome is shown to a model, as the content of a `tool` message:
+    `{"ok": true, "result": ..., "error": null}` or `{"ok": false, "result": null, "error": "..."}`."""
+    return orjson.dumps({"ok": ok, "result": result, "error": error}, default=str).decode()
 
 
 class LLMError(Exception):

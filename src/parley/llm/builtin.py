@@ -25,7 +25,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from parley.llm.base import ChatMessage, LLMChunk, LLMRequest, ProviderHealth, TextDelta, ToolCall, Usage
+from parley.llm.base import (
+    ChatMessage,
+    LLMChunk,
+    LLMRequest,
+    ProviderHealth,
+    TextDelta,
+    ToolCall,
+    Usage,
+)
 
 CURRENT_TIME = "current_time"
 CALCULATOR = "calculator"
@@ -54,13 +62,13 @@ _SPOKEN_OPERATORS = (
 )
 _FUNCTION_NAMES = r"\b(?:sqrt|abs|round|min|max)\b"
 _EXPRESSION_RUN = re.compile(
-    rf"(?:{_FUNCTION_NAMES}|\bpi\b|\d[\d_]*(?:\.\d+)?|\.\d+|\*\*|//|[-+*/%^×÷−(),.]|[ \t])+", re.I)  # noqa: RUF001
+    rf"(?:{_FUNCTION_NAMES}|\bpi\b|\d[\d_]*(?:\.\d+)?|\.\d+|\*\*|//|[-+*/%^\u00d7\u00f7\u2212(),.]|[ \t])+", re.I)
 _BINARY_OPERATION = re.compile(
-    rf"(?:[\d)]|\bpi\b)\s*(?:\*\*|//|[-+*/%^×÷−])\s*(?:[-+(\d.]|{_FUNCTION_NAMES}|\bpi\b)", re.I)  # noqa: RUF001
+    rf"(?:[\d)]|\bpi\b)\s*(?:\*\*|//|[-+*/%^\u00d7\u00f7\u2212])\s*(?:[-+(\d.]|{_FUNCTION_NAMES}|\bpi\b)", re.I)
 _FUNCTION_CALL = re.compile(rf"{_FUNCTION_NAMES}\s*\(", re.I)
 # Only '-' and '/' also join numbers that are not sums: phone numbers, ranges, fractions of a page.
-_PLAINLY_ARITHMETIC = re.compile(rf"[+*%^×÷]|{_FUNCTION_NAMES}", re.I)  # noqa: RUF001
-_WORD = re.compile(r"[\w][\w'’\-.@#+]*")  # noqa: RUF001 - the typographic apostrophe is deliberate
+_PLAINLY_ARITHMETIC = re.compile(rf"[+*%^\u00d7\u00f7]|{_FUNCTION_NAMES}", re.I)
+_WORD = re.compile(r"[\w][\w'\u2019\-.@#+]*")
 _STOPWORDS = frozenset(re.findall(r"\S+", """
     a an the i i'm i've me my mine you your yours we our us it its is are was were be been am do does did
     can could would should will shall may might must please pls kindly any anything something some
@@ -93,11 +101,6 @@ class Turn:
     user_text: str
     asked_for_tools: bool
     results: tuple[ToolResult, ...]
-
-
-def tool_message_content(ok: bool, result: Any = None, error: str | None = None) -> str:
-    """The content of a `tool` message, in the shape this provider reads (see the module docstring)."""
-    return orjson.dumps({"ok": ok, "result": result, "error": error}, default=str).decode()
 
 
 class BuiltinProvider:
@@ -281,7 +284,7 @@ def search_keywords(text: str) -> str:
     stripped = _SEARCH_WORDS.sub(" ", text)
     keywords: list[str] = []
     for word in _WORD.findall(stripped):
-        word = word.strip("'’-.@#+")  # noqa: RUF001
+        word = word.strip("'\u2019-.@#+")
         if word and word.lower() not in _STOPWORDS and word.lower() not in (k.lower() for k in keywords):
             keywords.append(word)
     return " ".join(keywords)

@@ -138,6 +138,7 @@ class EventLog:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        await self.database.dispose()
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():

@@ -51,15 +51,16 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     return None
 
 
-def _engine_options(settings: Settings) -> tuple[str, dict[str, Any]]:
+def _engine_options(settings: Settings, pool_size: int | None, max_overflow: int | None) -> tuple[str, dict[str, Any]]:
     url = settings.effective_database_url
+    sizes = {"pool_size": pool_size or settings.database_pool_size,
+             "max_overflow": settings.database_max_overflow if max_overflow is None else max_overflow}
     if settings.is_sqlite:
         timeout = settings.database_busy_timeout_s
-        return url, {"connect_args": {"timeout": timeout}, "pool_pre_ping": False}
+        return url, {"connect_args": {"timeout": timeout}, "pool_pre_ping": False, **sizes}
     statement_ms = int(settings.database_statement_timeout_s * 1000)
     return url, {
-        "pool_size": settings.database_pool_size,
-        "max_overflow": settings.database_max_overflow,
+        **sizes,
         "pool_timeout": settings.database_pool_timeout_s,
         "pool_pre_ping": True,
         "pool_recycle": 1800,
@@ -72,10 +73,13 @@ def _engine_options(settings: Settings) -> tuple[str, dict[str, Any]]:
 
 
 class Database:
-    """Owns the engine and the session factory of one process."""
+    """Owns an engine (a connection pool) and its session factory.
 
-    def __init__(self, settings: Settings) -> None:
-        url, options = _engine_options(settings)
+    The process has one for requests and tasks, and a small one of its own for the event log writer, so the
+    writer can always get a connection even when every pooled one waits for it."""
+
+    def __init__(self, settings: Settings, *, pool_size: int | None = None, max_overflow: int | None = None) -> None:
+        url, options = _engine_options(settings, pool_size, max_overflow)
         self.url = make_url(url)
         self.dialect = self.url.get_backend_name()
         self.engine: AsyncEngine = create_async_engine(url, **options)

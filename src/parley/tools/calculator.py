@@ -20,8 +20,9 @@ JSON_SAFE_INT = 2**53 - 1
 
 Number = int | float
 
-# Characters people type that Python's grammar does not know; `^` means power here, as on a calculator.
-_TRANSLATIONS = str.maketrans({"×": "*", "÷": "/", "−": "-", "^": "**"})  # noqa: RUF001 - deliberate look-alikes
+# The multiplication, division and minus signs people paste, which Python does not know; `^` is a power here,
+# as on a calculator.
+_TRANSLATIONS = str.maketrans({"\u00d7": "*", "\u00f7": "/", "\u2212": "-", "^": "**"})
 
 
 class CalculatorError(ValueError):
