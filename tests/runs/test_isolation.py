@@ -53,7 +53,7 @@ def test_second_user_cannot_touch_first_users_threads_or_runs(live_server: LiveS
         assert chat.recv()["type"] == "pong"  # nothing leaked in between: the next message is the pong
 
     history = client.get(f"/api/threads/{thread_id}/messages", headers=owner.headers).json()["items"]
-    assert [m["content"] for m in history][0] == "my secret plan" and len(history) == 2
+    assert history[0]["content"] == "my secret plan" and len(history) == 2
 
 
 def test_search_threads_sees_only_the_callers_messages(live_server: LiveServer, client: httpx.Client) -> None:

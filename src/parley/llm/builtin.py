@@ -8,7 +8,8 @@ answers from them and never asks again in that turn. Each tool message's content
     {"ok": true,  "result": <the tool's JSON result>, "error": null}
     {"ok": false, "result": null, "error": "<plain message>"}
 
-(`parley.llm.base.tool_message_content` writes it). The tool is found through `tool_call_id` in the assistant's `tool_calls`.
+(`parley.llm.base.tool_message_content` writes it). The tool is found through `tool_call_id` in the
+assistant's `tool_calls`.
 Content that is JSON without an `ok` key is read as a successful result; content that is not JSON, as a failure.
 """
 
