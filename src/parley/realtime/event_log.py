@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from parley.clock import utcnow
 from parley.errors import NotFound
@@ -34,7 +34,9 @@ log = get_logger("parley.event_log")
 
 
 class ThreadGone(NotFound):
-    message = "The thread no longer exists."
+    """The thread does not exist (any more), or is not the writer's claimed owner's: the same to a client."""
+
+    message = "Thread not found."
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +50,12 @@ class RunChange:
 @dataclass(slots=True)
 class WriteRequest:
     events: Sequence[NewEvent] = ()
-    messages: Sequence[dict[str, Any]] = ()  # Message rows (attribute names)
-    runs: Sequence[dict[str, Any]] = ()  # Run rows (attribute names)
+    messages: Sequence[dict[str, Any]] = ()  # rows of the messages table (column names)
+    runs: Sequence[dict[str, Any]] = ()  # rows of the runs table
     run_changes: Sequence[RunChange] = ()
+    # Whose thread this writes to: the thread row is only updated (and so the request only stored) where it
+    # belongs to this user. None for the system's own writes (the sweeper).
+    owner_id: str | None = None
     future: asyncio.Future[list[StoredEvent]] = field(default_factory=lambda: _new_future())
 
     def thread_ids(self) -> set[str]:
@@ -77,6 +82,7 @@ class EventLog:
         self.events_stored = 0
         self.batches = 0
         self.last_commit_ms: float | None = None
+        self._connection: AsyncConnection | None = None
 
     # --- producing -----------------------------------------------------------------------------------------
     async def write(self, request: WriteRequest, wait: bool = True) -> list[StoredEvent]:
@@ -91,22 +97,20 @@ class EventLog:
         await self._queue.put(request)
         return await request.future if wait else []
 
-    async def append(self, event: NewEvent, **changes: Any) -> None:
-        await self.write(WriteRequest(events=[event], **changes), wait=False)
-
-    async def write_guarded(self, request: WriteRequest, guard: Callable[[AsyncSession], Awaitable[bool]]) -> bool:
+    async def write_guarded(self, request: WriteRequest,
+                            guard: Callable[[AsyncConnection], Awaitable[bool]]) -> bool:
         """Stores `request` in a transaction of its own, only if `guard` (run first, inside it) agrees.
 
         For rare writes that must win a race exactly once (the sweeper ending an orphaned run)."""
         now = utcnow()
-        async with self.database.sessionmaker() as session, session.begin():
-            if not await guard(session):
+        async with self.database.engine.begin() as connection:
+            if not await guard(connection):
                 return False
-            bases = await self._reserve(session, [request], now)
+            bases = await self._reserve(connection, [request], now)
             if any(base is None for base in bases.values()):
                 raise ThreadGone()
             results = self._number([request], bases, now)
-            await self._insert(session, [request], results)
+            await self._insert(connection, [request], results)
         await self._deliver([(request, results[0])])
         return True
 
@@ -138,6 +142,10 @@ class EventLog:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = None
         await self.database.dispose()
         while not self._queue.empty():
             pending = self._queue.get_nowait()
@@ -210,82 +218,107 @@ class EventLog:
         live = [request for request in batch if not request.future.done()]
         now = utcnow()
         started = time.perf_counter()
-        async with self.database.sessionmaker() as session, session.begin():
-            bases = await self._reserve(session, live, now)
-            gone = {thread_id for thread_id, base in bases.items() if base is None}
-            if gone:
-                for request in live:
-                    if request.thread_ids() & gone:
-                        _fail_all([request], ThreadGone())
-                live = [request for request in live if not request.thread_ids() & gone]
-            results = self._number(live, bases, now)
-            await self._insert(session, live, results)
+        connection = await self._writer_connection()
+        try:
+            async with connection.begin():
+                bases = await self._reserve(connection, live, now)
+                gone = {key for key, base in bases.items() if base is None}
+                if gone:
+                    for request in live:
+                        if _keys(request) & gone:
+                            _fail_all([request], ThreadGone())
+                    live = [request for request in live if not _keys(request) & gone]
+                results = self._number(live, bases, now)
+                await self._insert(connection, live, results)
+        except Exception as exc:
+            if is_database_unavailable(exc):
+                await self._drop_connection()
+            raise
         self.batches += 1
         self.last_commit_ms = (time.perf_counter() - started) * 1000
         return list(zip(live, results, strict=True))
 
-    async def _reserve(self, session: AsyncSession, batch: list[WriteRequest],
-                       now: datetime) -> dict[str, int | None]:
-        """Moves each touched thread's counters in one UPDATE and returns the seq before this batch."""
-        events: dict[str, int] = defaultdict(int)
-        messages: dict[str, int] = defaultdict(int)
-        threads: set[str] = set()
+    async def _writer_connection(self) -> AsyncConnection:
+        """The writer's own connection, kept between batches: no checkout, ping or reset per commit.
+        Core statements on it, because the ORM's unit of work would double the writer's CPU."""
+        if self._connection is None or self._connection.closed:
+            self._connection = await self.database.engine.connect()
+        return self._connection
+
+    async def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # it is broken already; the pool discards it
+                await connection.invalidate()
+                await connection.close()
+
+    async def _reserve(self, connection: AsyncConnection, batch: list[WriteRequest],
+                       now: datetime) -> dict[tuple[str, str | None], int | None]:
+        """Moves each touched thread's counters in one UPDATE per thread (and claimed owner) and returns the
+        seq before this batch; None for a thread that does not exist or is not the claimed owner's."""
+        events: dict[tuple[str, str | None], int] = defaultdict(int)
+        messages: dict[tuple[str, str | None], int] = defaultdict(int)
+        keys: set[tuple[str, str | None]] = set()
         for request in batch:
-            threads.update(request.thread_ids())
+            keys.update((thread_id, request.owner_id) for thread_id in request.thread_ids())
             for event in request.events:
-                events[event.thread_id] += 1
+                events[event.thread_id, request.owner_id] += 1
             for row in request.messages:
-                messages[row["thread_id"]] += 1
-        bases: dict[str, int | None] = {}
-        for thread_id in sorted(threads):  # one lock order in every process: no deadlocks
-            values: dict[str, Any] = {"last_seq": Thread.last_seq + events[thread_id]}
-            if messages[thread_id]:
-                values.update(message_count=Thread.message_count + messages[thread_id], last_message_at=now,
+                messages[row["thread_id"], request.owner_id] += 1
+        bases: dict[tuple[str, str | None], int | None] = {}
+        table = _table(Thread)
+        for key in sorted(keys, key=lambda k: (k[0], k[1] or "")):  # one lock order everywhere: no deadlocks
+            thread_id, owner_id = key
+            values: dict[str, Any] = {"last_seq": table.c.last_seq + events[key]}
+            if messages[key]:
+                values.update(message_count=table.c.message_count + messages[key], last_message_at=now,
                               updated_at=now)
-            result = await session.execute(
-                update(Thread).where(Thread.id == thread_id).values(**values).returning(Thread.last_seq)
-            )
+            statement = update(table).where(table.c.id == thread_id)
+            if owner_id is not None:
+                statement = statement.where(table.c.user_id == owner_id)
+            result = await connection.execute(statement.values(**values).returning(table.c.last_seq))
             last = result.scalar_one_or_none()
-            bases[thread_id] = None if last is None else last - events[thread_id]
+            bases[key] = None if last is None else last - events[key]
         return bases
 
     @staticmethod
-    def _number(batch: list[WriteRequest], bases: dict[str, int | None],
+    def _number(batch: list[WriteRequest], bases: dict[tuple[str, str | None], int | None],
                 now: datetime) -> list[list[StoredEvent]]:
-        next_seq = {thread_id: base for thread_id, base in bases.items() if base is not None}
+        next_seq = {key: base for key, base in bases.items() if base is not None}
         results = []
         for request in batch:
             stored = []
             for event in request.events:
-                next_seq[event.thread_id] += 1
-                stored.append(StoredEvent.make(event.thread_id, next_seq[event.thread_id], event.run_id,
-                                               str(event.type), event.payload, now))
+                key = (event.thread_id, request.owner_id)
+                next_seq[key] += 1
+                stored.append(StoredEvent.make(event.thread_id, next_seq[key], event.run_id, str(event.type),
+                                               event.payload, now))
             results.append(stored)
         return results
 
     @staticmethod
-    async def _insert(session: AsyncSession, batch: list[WriteRequest], results: list[list[StoredEvent]]) -> None:
+    async def _insert(connection: AsyncConnection, batch: list[WriteRequest],
+                      results: list[list[StoredEvent]]) -> None:
         runs = [row for request in batch for row in request.runs]
         if runs:
-            await session.execute(insert(Run), runs)
+            await connection.execute(insert(_table(Run)), runs)
         messages = [row for request in batch for row in request.messages]
         if messages:
-            await session.execute(insert(Message), messages)
+            await connection.execute(insert(_table(Message)), messages)
         rows = [{"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type,
                  "payload": e.payload, "created_at": e.created_at} for stored in results for e in stored]
         if rows:
-            await session.execute(insert(RunEvent), rows)
+            await connection.execute(insert(_table(RunEvent)), rows)
         changes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
         for request in batch:
             for change in request.run_changes:
                 changes[tuple(sorted(change.values))].append(
                     {"b_run_id": change.run_id, **{f"b_{k}": v for k, v in change.values.items()}})
-        table = Run.__table__
-        assert isinstance(table, Table)
+        table = _table(Run)
         for columns, params in changes.items():
             statement = (update(table).where(table.c.id == bindparam("b_run_id"))
                          .values({column: bindparam(f"b_{column}") for column in columns}))
-            await session.execute(statement, params)
+            await connection.execute(statement, params)
 
     async def _deliver(self, stored: list[tuple[WriteRequest, list[StoredEvent]]]) -> None:
         events = [event for _, batch_events in stored for event in batch_events]
@@ -295,6 +328,16 @@ class EventLog:
                 request.future.set_result(request_events)
         if events:
             await self.bus.publish(events)
+
+
+def _keys(request: WriteRequest) -> set[tuple[str, str | None]]:
+    return {(thread_id, request.owner_id) for thread_id in request.thread_ids()}
+
+
+def _table(model: type[Any]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
 
 
 def _new_future() -> asyncio.Future[list[StoredEvent]]:

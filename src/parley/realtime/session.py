@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from parley.agents.runs import RunManager, Submission
+from sqlalchemy import func, select
+
+from parley.agents.runs import RunManager
 from parley.auth.tokens import Principal
 from parley.clock import utcnow
 from parley.errors import ParleyError
@@ -31,6 +33,7 @@ from parley.realtime.protocol import (
     UserMessagePayload,
 )
 from parley.storage.database import Database
+from parley.storage.models import Run, RunEvent, Thread
 from parley.threads.repository import ThreadRepository
 from parley.threads.schemas import ThreadOut
 
@@ -105,27 +108,36 @@ class ClientSession:
                         on_busy: str, client_message_id: str | None) -> None:
         user_id = self.principal.user_id
         async with self.services.database.session() as session:
-            threads = ThreadRepository(session)
             if thread_id is None:
-                thread = await threads.create(user_id, _title_from(content), None)
+                thread = await ThreadRepository(session).create(user_id, _title_from(content), None)
                 await session.commit()
+                thread_id = thread.id
                 self.send(EventType.THREAD_CREATED, {"thread": ThreadOut.of(thread).model_dump()}, request_id,
-                          thread.id)
-            else:
-                thread = await threads.get_for_user(user_id, thread_id)
+                          thread_id)
+            # No read first: the write checks that the thread is this user's (else `not_found`).
             submission = await self.services.runs.submit(
-                session, thread, content, agent=agent, on_busy=on_busy, client_message_id=client_message_id,
-                request_id=request_id or self.connection.id, is_admin=self.principal.is_admin)
+                session, thread_id, user_id, content, agent=agent, on_busy=on_busy,
+                client_message_id=client_message_id, request_id=request_id or self.connection.id,
+                is_admin=self.principal.is_admin)
         self.send(EventType.ACK, {"message_id": submission.message.id, "run_id": submission.run.id,
-                                  "thread_id": thread.id}, request_id, thread.id)
-        if thread.id not in self.feeds:
-            await self.subscribe(thread.id, await self._resume_point(submission, thread.last_seq))
+                                  "thread_id": thread_id}, request_id, thread_id)
+        if thread_id not in self.feeds:
+            # The client knows its own message: its feed starts with the run. A repeated submission (same
+            # client_message_id) starts where its run's events begin.
+            after = submission.message_seq
+            if after is None:
+                after = await self._seq_before_run(submission.run.id)
+            await self.subscribe(thread_id, after)
         self.services.runs.launch(submission)
 
-    async def _resume_point(self, submission: Submission, thread_last_seq: int) -> int:
-        if submission.message_seq is not None:
-            return submission.message_seq  # the client knows its own message: start with the run
-        return thread_last_seq
+    async def _seq_before_run(self, run_id: str) -> int:
+        async with self.services.database.session() as session:
+            first = await session.scalar(select(func.min(RunEvent.seq)).where(RunEvent.run_id == run_id))
+            if first is not None:
+                return int(first) - 1
+            run_thread = await session.scalar(select(Run.thread_id).where(Run.id == run_id))
+            last = await session.scalar(select(Thread.last_seq).where(Thread.id == run_thread))
+            return int(last or 0)
 
     async def on_stop_agent(self, message: ClientMessage[StopAgentPayload]) -> None:
         async with self.services.database.session() as session:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -28,9 +29,15 @@ class Tool(Protocol):
 
 
 def tool_spec(tool: Tool) -> ToolSpec:
-    schema = tool.Params.model_json_schema()
+    return _spec_of(type(tool), tool.name, tool.description)
+
+
+@functools.cache
+def _spec_of(_cls: type, name: str, description: str) -> ToolSpec:
+    # Generating a JSON Schema costs as much as the rest of a run's CPU: do it once per tool class.
+    schema = _cls.Params.model_json_schema()  # type: ignore[attr-defined]
     schema.pop("title", None)
-    return ToolSpec(name=tool.name, description=tool.description, parameters=schema)
+    return ToolSpec(name=name, description=description, parameters=schema)
 
 
 class ToolRegistry:
