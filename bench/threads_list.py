@@ -10,10 +10,12 @@ also a separate process, at a fixed concurrency for a fixed duration per measure
 
 The targets are measured in interleaved rounds (their order rotates each round) after one warm-up each; the
 figures are medians across rounds and ratios are medians of the ratios taken within each round, because the
-machine is shared and noisy. Each parley target's answer is checked once before it is loaded, and any error
-response (wrk counts status >= 400), socket error or timeout fails the run.
+machine is shared and noisy. Beside wrk's requests/s, p50 and p99, each measurement records the server process's
+CPU time per request. Each parley target's answer is checked once before it is loaded, and any error response
+(wrk counts status >= 400), socket error or timeout fails the run.
 
-    .venv/bin/python bench/threads_list.py [--duration S] [--rounds N] [--databases sqlite,postgresql]
+    .venv/bin/python bench/threads_list.py [--duration S] [--rounds N] [--connections C]
+                                           [--databases sqlite,postgresql]
 
 Prints a table and writes bench/results/threads_list.json.
 """
