@@ -61,20 +61,30 @@ class ThreadRepository:
 
     async def list_for_user(self, user_id: str, limit: int, offset: int = 0,
                             cursor: ThreadCursor | None = None) -> ThreadSlice:
-        query = select(Thread).where(Thread.user_id == user_id)
         if cursor is not None:
-            query = query.where(tuple_(Thread.updated_at, Thread.id) < tuple_(cursor.updated_at, cursor.id))
+            query = select(Thread).where(
+                Thread.user_id == user_id,
+                tuple_(Thread.updated_at, Thread.id) < tuple_(cursor.updated_at, cursor.id))
+        else:
+            # The total rides along as a scalar subquery on the counter: one round trip, no counting.
+            total_column = select(User.thread_count).where(User.id == user_id).scalar_subquery()
+            query = select(Thread, total_column).where(Thread.user_id == user_id).offset(offset or None)
         query = query.order_by(Thread.updated_at.desc(), Thread.id.desc()).limit(limit + 1)
-        if cursor is None and offset:
-            query = query.offset(offset)
-        rows = list((await self.session.scalars(query)).all())
+        result = (await self.session.execute(query)).all()
+        rows = [row[0] for row in result]
         has_more = len(rows) > limit
         items = rows[:limit]
         next_cursor = ThreadCursor(items[-1].updated_at, items[-1].id).encode() if has_more else None
-        total = None
+        total: int | None = None
         if cursor is None:
-            total = await self.session.scalar(select(User.thread_count).where(User.id == user_id)) or 0
+            total = int(result[0][1]) if result else await self._total(user_id, offset)
         return ThreadSlice(items=items, has_more=has_more, total=total, next_cursor=next_cursor)
+
+    async def _total(self, user_id: str, offset: int) -> int:
+        """The total when the page is empty (a new user, or an offset past the end)."""
+        if not offset:
+            return 0
+        return int(await self.session.scalar(select(User.thread_count).where(User.id == user_id)) or 0)
 
     async def get_for_user(self, user_id: str, thread_id: str) -> Thread:
         thread = await self.session.scalar(
