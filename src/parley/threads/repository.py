@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy import Select, delete, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.clock import utcnow
@@ -61,6 +61,7 @@ class ThreadRepository:
 
     async def list_for_user(self, user_id: str, limit: int, offset: int = 0,
                             cursor: ThreadCursor | None = None) -> ThreadSlice:
+        query: Select[Any]
         if cursor is not None:
             query = select(Thread).where(
                 Thread.user_id == user_id,
