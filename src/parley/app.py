@@ -21,14 +21,26 @@ from parley.agents.assistant import Assistant
 from parley.agents.base import Agent, AgentRegistry
 from parley.agents.routes import router as runs_router
 from parley.agents.runs import RunManager
+from parley.analytics.clickhouse import ClickHouseStore
+from parley.analytics.pricing import PriceTable
+from parley.analytics.records import RequestRecord
+from parley.analytics.routes import router as usage_router
+from parley.analytics.sink import AnalyticsSink, ClickHouseSink, DisabledSink
+from parley.analytics.usage import UsageService
 from parley.auth.ratelimit import SlidingWindowLimiter
 from parley.auth.routes import router as auth_router
 from parley.auth.service import AuthService
+from parley.clock import utcnow
 from parley.health.components import Component, Lifecycle
 from parley.health.routes import router as health_router
 from parley.http.deps import AppServices, RateLimits
 from parley.http.errors import install_error_handlers
-from parley.http.middleware import BodySizeLimitMiddleware, RequestContextMiddleware, SecurityHeadersMiddleware
+from parley.http.middleware import (
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+    RequestRecorder,
+    SecurityHeadersMiddleware,
+)
 from parley.ids import new_id
 from parley.llm.base import LLMProvider
 from parley.llm.builtin import BuiltinProvider
@@ -48,6 +60,7 @@ from parley.storage.database import Database
 from parley.threads.routes import router as threads_router
 from parley.tools.base import Tool, ToolRegistry
 from parley.tools.builtin import CalculatorTool, CurrentTimeTool, SearchThreadsTool
+from parley.tools.usage import UsageReportTool
 
 log = get_logger("parley.app")
 
@@ -62,6 +75,22 @@ def build_llm(settings: Settings) -> LLMProvider:
                               timeout_s=settings.llm_timeout_s, max_retries=settings.llm_max_retries,
                               health_ttl_s=settings.llm_health_ttl_s)
     return BuiltinProvider(token_delay_s=settings.builtin_token_delay_s)
+
+
+def build_analytics(settings: Settings) -> AnalyticsSink:
+    backend = settings.analytics_backend
+    if backend == "off":
+        return DisabledSink()
+    if backend == "chdb":
+        dsn = f"chdb://{settings.data_dir / 'analytics'}"
+    else:
+        assert settings.clickhouse_url is not None  # Settings.check() refuses clickhouse without a URL
+        dsn = settings.clickhouse_url.get_secret_value()
+    store = ClickHouseStore(dsn, settings.analytics_database, settings.analytics_ttl_days)
+    return ClickHouseSink(store, queue_max=settings.analytics_queue_max, batch_max=settings.analytics_batch_max,
+                          flush_interval_s=settings.analytics_flush_interval_s,
+                          retry_max_s=settings.analytics_retry_max_s,
+                          shutdown_flush_s=settings.analytics_shutdown_flush_s)
 
 
 def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = None,
@@ -81,25 +110,30 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
         register_by_address=SlidingWindowLimiter(settings.register_rate_limit, window, keys),
     )
 
+    analytics = build_analytics(settings)
+    prices = PriceTable.load(settings.model_prices, settings.model_prices_file)
+    usage = UsageService(database, analytics, settings.analytics_database)
     bus = InProcessEventBus()
     writer_database = Database(settings, pool_size=1, max_overflow=1)
     event_log = EventLog(writer_database, bus, batch_max=settings.event_log_batch_max,
                          queue_max=settings.event_log_queue_max)
     llm = build_llm(settings)
-    tools = ToolRegistry([SearchThreadsTool(database), CurrentTimeTool(), CalculatorTool(), *extra_tools])
+    tools = ToolRegistry([SearchThreadsTool(database), CurrentTimeTool(), CalculatorTool(), UsageReportTool(usage),
+                          *extra_tools])
     agents = AgentRegistry([Assistant(), *extra_agents])
-    runs = RunManager(settings, database, event_log, bus, agents, tools, llm, worker_id=new_id())
+    runs = RunManager(settings, database, event_log, bus, agents, tools, llm, worker_id=new_id(),
+                      analytics=analytics, prices=prices)
     hub = ConnectionHub(settings.ws_max_connections_per_user)
     realtime = RealtimeServices(bus=bus, event_log=event_log, hub=hub, router=build_router(),
                                 session_services=SessionServices(database=database, bus=bus, runs=runs))
     bridge = AgentBridge(event_log, runs, hub, deadline_s=settings.shutdown_deadline_s)
 
     # The declared start order: storage, then delivery, then the model, then what accepts work.
-    components: list[Component] = [DatabaseComponent(database, settings), bus, LLMComponent(llm), bridge]
+    components: list[Component] = [DatabaseComponent(database, settings), bus, analytics, LLMComponent(llm), bridge]
     lifecycle = Lifecycle(components, on_fatal=on_fatal)
     return AppServices(settings=settings, database=database, lifecycle=lifecycle, auth=auth,
                        rate_limits=rate_limits, agents=agents, tools=tools, runs=runs, realtime=realtime,
-                       bridge=bridge)
+                       bridge=bridge, analytics=analytics, usage=usage)
 
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None, *,
@@ -136,11 +170,13 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(threads_router)
     app.include_router(runs_router)
     app.include_router(realtime_router)
+    app.include_router(usage_router)
     app.add_api_websocket_route("/ws", websocket_endpoint)
 
     # Added innermost first: the security headers wrap everything, including the last-resort error answer.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
-    app.add_middleware(RequestContextMiddleware, retry_after_s=settings.database_retry_after_s)
+    app.add_middleware(RequestContextMiddleware, retry_after_s=settings.database_retry_after_s,
+                       on_request=_request_recorder(services.analytics))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
@@ -148,6 +184,17 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
                            expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
     app.add_middleware(SecurityHeadersMiddleware, hsts_max_age_s=settings.hsts_max_age_s)
     return app
+
+
+def _request_recorder(analytics: AnalyticsSink) -> RequestRecorder | None:
+    if not analytics.enabled:
+        return None
+
+    def record(method: str, route: str, status: int, duration_ms: float, user_id: str | None) -> None:
+        analytics.record(RequestRecord(ts=utcnow(), method=method, route=route, status=status,
+                                       duration_ms=duration_ms, user_id=user_id or ""))
+
+    return record
 
 
 def _drain_on_sigterm(services: AppServices) -> Callable[[], None]:

@@ -5,12 +5,17 @@ Every option is documented in the README's configuration reference; `parley doct
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def chdb_installed() -> bool:
+    return importlib.util.find_spec("chdb") is not None
 
 
 def _default_data_dir() -> Path:
@@ -102,6 +107,20 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=3, ge=0, le=20)
     llm_health_ttl_s: float = Field(default=30.0, ge=0, le=3600)
 
+    # --- analytics -----------------------------------------------------------------------------------------
+    # auto: `clickhouse` when PARLEY_CLICKHOUSE_URL is set, else `chdb` when installed (parley[chdb]), else off.
+    analytics: Literal["auto", "clickhouse", "chdb", "off"] = "auto"
+    clickhouse_url: SecretStr | None = None
+    analytics_database: str = Field(default="parley", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+    analytics_ttl_days: int = Field(default=90, ge=1, le=3650)
+    analytics_queue_max: int = Field(default=100_000, ge=100, le=10_000_000)
+    analytics_batch_max: int = Field(default=10_000, ge=1, le=1_000_000)
+    analytics_flush_interval_s: float = Field(default=1.0, gt=0, le=300)
+    analytics_retry_max_s: float = Field(default=30.0, gt=0, le=3600)
+    analytics_shutdown_flush_s: float = Field(default=5.0, ge=0, le=300)
+    model_prices: str | None = None
+    model_prices_file: Path | None = None
+
     # --- WebSocket and SSE ---------------------------------------------------------------------------------
     ws_heartbeat_s: float = Field(default=20.0, ge=1, le=3600)
     ws_max_frame_bytes: int = Field(default=65_536, ge=1024, le=16 * 1_048_576)
@@ -135,6 +154,14 @@ class Settings(BaseSettings):
         return self.is_sqlite if self.auto_migrate is None else self.auto_migrate
 
     @property
+    def analytics_backend(self) -> Literal["clickhouse", "chdb", "off"]:
+        if self.analytics != "auto":
+            return self.analytics
+        if self.clickhouse_url is not None and self.clickhouse_url.get_secret_value():
+            return "clickhouse"
+        return "chdb" if chdb_installed() else "off"
+
+    @property
     def json_logs(self) -> bool:
         if self.log_format == "auto":
             return self.env == "production"
@@ -164,6 +191,15 @@ class Settings(BaseSettings):
         if self.workers > 1:
             problems.append(f"PARLEY_WORKERS={self.workers} needs an event bus shared by the processes, and "
                             "this version has only the in-process bus: use PARLEY_WORKERS=1")
+        backend = self.analytics_backend
+        if backend == "clickhouse" and not (self.clickhouse_url and self.clickhouse_url.get_secret_value()):
+            problems.append("PARLEY_ANALYTICS=clickhouse needs PARLEY_CLICKHOUSE_URL (http://user:password@host:8123)")
+        if backend == "chdb" and not chdb_installed():
+            problems.append("PARLEY_ANALYTICS=chdb needs chDB: pip install 'parley[chdb]'")
+        if backend == "chdb" and self.workers > 1:
+            problems.append(f"chDB (embedded ClickHouse) allows one process per data directory, not "
+                            f"{self.workers} workers: use a ClickHouse server (PARLEY_CLICKHOUSE_URL) or "
+                            "PARLEY_ANALYTICS=off")
         if self.llm_provider == "openai" and not self.openai_api_key and "api.openai.com" in self.openai_base_url:
             problems.append("PARLEY_LLM_PROVIDER=openai needs PARLEY_OPENAI_API_KEY for api.openai.com")
         return problems

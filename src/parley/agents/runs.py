@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,6 +31,10 @@ from parley.agents.base import (
 )
 from parley.agents.context import UserExecutionContext
 from parley.agents.schemas import FINISHED_STATUSES, UNFINISHED_STATUSES, RunOut
+from parley.analytics.metered import MeteredLLM
+from parley.analytics.pricing import PriceTable
+from parley.analytics.records import RunRecord, ToolCallRecord
+from parley.analytics.sink import AnalyticsSink
 from parley.clock import rfc3339, utcnow
 from parley.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from parley.ids import new_id
@@ -74,6 +78,17 @@ class Submission:
 
 
 @dataclass
+class _RunState:
+    """What a run accumulates while it executes."""
+
+    llm: MeteredLLM
+    started_at: datetime | None = None
+    answer: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    usage: Usage = field(default_factory=lambda: Usage(0, 0, ""))
+
+
+@dataclass
 class _LocalRun:
     """A run this process executes: its task and why it is being cancelled, if it is."""
 
@@ -88,7 +103,8 @@ class _LocalRun:
 
 class RunManager:
     def __init__(self, settings: Settings, database: Database, event_log: EventLog, bus: EventBus,
-                 agents: AgentRegistry, tools: ToolRegistry, llm: LLMProvider, worker_id: str) -> None:
+                 agents: AgentRegistry, tools: ToolRegistry, llm: LLMProvider, worker_id: str,
+                 analytics: AnalyticsSink, prices: PriceTable) -> None:
         self.settings = settings
         self.database = database
         self.event_log = event_log
@@ -97,6 +113,8 @@ class RunManager:
         self.tools = tools
         self.llm = llm
         self.worker_id = worker_id
+        self.analytics = analytics
+        self.prices = prices
         self._local: dict[str, _LocalRun] = {}
         self._thread_tail: dict[str, asyncio.Future[None]] = {}
         self._user_slots: dict[str, asyncio.Semaphore] = {}
@@ -225,54 +243,51 @@ class RunManager:
         run = submission.run
         ctx = UserExecutionContext(user_id=local.user_id, thread_id=run.thread_id, run_id=run.id,
                                    request_id=submission.request_id, agent=run.agent, is_admin=submission.is_admin)
-        started = False
-        answer: list[str] = []
-        tool_calls: list[dict[str, Any]] = []
-        usage = Usage(0, 0, self.llm.model)
+        state = _RunState(llm=MeteredLLM(self.llm, ctx, self.analytics, self.prices))
         try:
             try:
                 if previous is not None:
                     await asyncio.shield(previous)  # runs of one thread execute in order
                 async with self._user_slot(local.user_id):
+                    state.started_at = utcnow()
                     await self._emit(ctx, EventType.AGENT_STARTED,
                                      {"agent": run.agent, "input_message_id": submission.message.id},
-                                     run_changes=[RunChange(run.id, {"status": "running", "started_at": utcnow()})])
-                    started = True
+                                     run_changes=[RunChange(run.id, {"status": "running",
+                                                                     "started_at": state.started_at})])
                     agent = self.agents.get(run.agent, submission.is_admin)
                     async with asyncio.timeout(self.settings.run_timeout_s):
-                        async for event in self._drive(agent, ctx):
-                            usage = await self._record(ctx, event, answer, tool_calls) or usage
-                await self._finish_completed(ctx, started, "".join(answer), tool_calls, usage)
+                        async for event in self._drive(agent, ctx, state.llm):
+                            await self._record(ctx, event, state)
+                await self._finish_completed(ctx, state)
             except asyncio.CancelledError:
                 if local.cancel_reason is None:
                     raise  # not ours: the loop itself is going away
-                await self._finish_cancelled(ctx, started, local)
+                await self._finish_cancelled(ctx, state, local)
             except TimeoutError:
-                await self._finish_error(ctx, started, "run_timeout",
+                await self._finish_error(ctx, state, "run_timeout",
                                          f"The run took longer than {self.settings.run_timeout_s:g} s.", "failed")
             except LLMError as exc:
                 log.warning("run_llm_failed", code=exc.code, reason=exc.message, **ctx.log_fields())
-                await self._finish_error(ctx, started, exc.code, exc.message, "failed")
+                await self._finish_error(ctx, state, exc.code, exc.message, "failed")
             except Exception:  # the run's boundary: log with context, end the run cleanly
                 log.exception("run_failed", **ctx.log_fields())
-                await self._finish_error(ctx, started, "agent_failed", "The agent failed unexpectedly.", "failed")
+                await self._finish_error(ctx, state, "agent_failed", "The agent failed unexpectedly.", "failed")
         except Exception:  # even the terminal event could not be stored; the sweeper will interrupt the run
             log.exception("run_terminal_write_failed", **ctx.log_fields())
         finally:
             self._forget(local)
 
-    async def _drive(self, agent: Agent, ctx: UserExecutionContext) -> AsyncIterator[Any]:
+    async def _drive(self, agent: Agent, ctx: UserExecutionContext, llm: LLMProvider) -> AsyncIterator[Any]:
         dispatcher = ToolDispatcher(ctx, self.tools.select(agent.tool_names))
         history = await self._history(ctx)
-        run_input = AgentInput(history=history, dispatcher=dispatcher, llm=self.llm,
+        run_input = AgentInput(history=history, dispatcher=dispatcher, llm=llm,
                                max_steps=self.settings.agent_max_steps)
         async for event in agent.run(ctx, run_input):
             yield event
 
-    async def _record(self, ctx: UserExecutionContext, event: Any, answer: list[str],
-                      tool_calls: list[dict[str, Any]]) -> Usage | None:
+    async def _record(self, ctx: UserExecutionContext, event: Any, state: _RunState) -> None:
         if isinstance(event, TextChunk):
-            answer.append(event.text)
+            state.answer.append(event.text)
             await self._emit(ctx, EventType.AGENT_DELTA, {"text": event.text})
         elif isinstance(event, Thinking):
             await self._emit(ctx, EventType.AGENT_THINKING, {"text": event.text})
@@ -284,11 +299,13 @@ class RunManager:
             payload: dict[str, Any] = {"call_id": outcome.call_id, "tool": outcome.tool, "ok": outcome.ok,
                                        "duration_ms": outcome.duration_ms}
             payload.update({"result": outcome.result} if outcome.ok else {"error": outcome.error})
-            tool_calls.append({**payload, "arguments": outcome.arguments})
+            state.tool_calls.append({**payload, "arguments": outcome.arguments})
+            self.analytics.record(ToolCallRecord(
+                ts=utcnow(), user_id=ctx.user_id, thread_id=ctx.thread_id, run_id=ctx.run_id, agent=ctx.agent,
+                tool=outcome.tool, duration_ms=outcome.duration_ms, ok=outcome.ok))
             await self._emit(ctx, EventType.TOOL_COMPLETED, payload)
         elif isinstance(event, Finished):
-            return event.usage
-        return None
+            state.usage = event.usage
 
     async def _history(self, ctx: UserExecutionContext) -> tuple[ChatMessage, ...]:
         async with self.database.engine.connect() as connection:
@@ -337,43 +354,49 @@ class RunManager:
             return []
         return [self._event(ctx, EventType.AGENT_STARTED, {"agent": ctx.agent, "input_message_id": None})]
 
-    async def _finish_completed(self, ctx: UserExecutionContext, started: bool, content: str,
-                                tool_calls: list[dict[str, Any]], usage: Usage) -> None:
+    async def _finish(self, ctx: UserExecutionContext, state: _RunState, terminal: NewEvent, status: str,
+                      changes: dict[str, Any], messages: Sequence[dict[str, Any]] = ()) -> None:
+        """Stores the run's one terminal event with its final state (shielded: a second cancel cannot stop
+        it), then records the run for analytics."""
         now = utcnow()
-        meta: dict[str, Any] = {"tool_calls": tool_calls} if tool_calls else {}
+        usage = state.usage
+        await asyncio.shield(self.event_log.write(WriteRequest(
+            events=[*self._started_event(ctx, state.started_at is not None), terminal], messages=messages,
+            run_changes=[RunChange(ctx.run_id, {
+                "status": status, "finished_at": now, "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens, "model": usage.model, "cost_usd": state.llm.cost_usd,
+                "lease_until": None, **changes})],
+            owner_id=ctx.user_id)))
+        duration = (now - state.started_at).total_seconds() * 1000 if state.started_at else 0.0
+        self.analytics.record(RunRecord(
+            ts=now, user_id=ctx.user_id, thread_id=ctx.thread_id, run_id=ctx.run_id, agent=ctx.agent,
+            model=usage.model, status=status, duration_ms=round(duration, 3), input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, cost_usd=state.llm.cost_usd))
+
+    async def _finish_completed(self, ctx: UserExecutionContext, state: _RunState) -> None:
+        meta: dict[str, Any] = {"tool_calls": state.tool_calls} if state.tool_calls else {}
+        usage = state.usage
+        usage_out = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                     "cost_usd": state.llm.cost_usd}
+        meta["usage"] = usage_out
         message_row = {"id": new_id(), "thread_id": ctx.thread_id, "user_id": ctx.user_id, "role": "assistant",
-                       "content": content, "run_id": ctx.run_id, "client_message_id": None, "created_at": now,
-                       "metadata": meta}
-        usage_out = {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens, "cost_usd": 0.0}
+                       "content": "".join(state.answer), "run_id": ctx.run_id, "client_message_id": None,
+                       "created_at": utcnow(), "metadata": meta}
         completed = self._event(ctx, EventType.AGENT_COMPLETED,
                                 {"message": _message_out(message_row).model_dump(), "usage": usage_out})
-        await self.event_log.write(WriteRequest(
-            events=[*self._started_event(ctx, started), completed], messages=[message_row],
-            run_changes=[RunChange(ctx.run_id, {
-                "status": "completed", "finished_at": now, "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens, "model": usage.model, "lease_until": None})],
-            owner_id=ctx.user_id))
+        await self._finish(ctx, state, completed, "completed", {}, [message_row])
 
-    async def _finish_error(self, ctx: UserExecutionContext, started: bool, code: str, message: str,
+    async def _finish_error(self, ctx: UserExecutionContext, state: _RunState, code: str, message: str,
                             status: str) -> None:
         error = self._event(ctx, EventType.AGENT_ERROR, {"error": {"code": code, "message": message}})
-        await asyncio.shield(self.event_log.write(WriteRequest(
-            events=[*self._started_event(ctx, started), error],
-            run_changes=[RunChange(ctx.run_id, {"status": status, "finished_at": utcnow(), "error_code": code,
-                                                "error_message": message[:500], "lease_until": None})],
-            owner_id=ctx.user_id or None)))
+        await self._finish(ctx, state, error, status, {"error_code": code, "error_message": message[:500]})
 
-    async def _finish_cancelled(self, ctx: UserExecutionContext, started: bool, local: _LocalRun) -> None:
+    async def _finish_cancelled(self, ctx: UserExecutionContext, state: _RunState, local: _LocalRun) -> None:
         if local.interrupted:
-            await self._finish_error(ctx, started, "interrupted", INTERRUPTED_MESSAGE, "interrupted")
+            await self._finish_error(ctx, state, "interrupted", INTERRUPTED_MESSAGE, "interrupted")
             return
-        reason = local.cancel_reason or "cancelled"
-        cancelled = self._event(ctx, EventType.AGENT_CANCELLED, {"reason": reason})
-        await asyncio.shield(self.event_log.write(WriteRequest(
-            events=[*self._started_event(ctx, started), cancelled],
-            run_changes=[RunChange(ctx.run_id, {"status": "cancelled", "finished_at": utcnow(),
-                                                "lease_until": None})],
-            owner_id=ctx.user_id)))
+        cancelled = self._event(ctx, EventType.AGENT_CANCELLED, {"reason": local.cancel_reason or "cancelled"})
+        await self._finish(ctx, state, cancelled, "cancelled", {})
 
     # --- leases and the sweeper ----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -16,6 +16,8 @@ from starlette.requests import HTTPConnection
 
 from parley.agents.base import AgentRegistry
 from parley.agents.runs import RunManager
+from parley.analytics.sink import AnalyticsSink
+from parley.analytics.usage import UsageService
 from parley.auth.ratelimit import RateLimiter
 from parley.auth.service import AuthService
 from parley.auth.tokens import Principal
@@ -48,6 +50,8 @@ class AppServices:
     runs: RunManager
     realtime: RealtimeServices
     bridge: AgentBridge
+    analytics: AnalyticsSink
+    usage: UsageService
 
 
 def get_services(connection: HTTPConnection) -> AppServices:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -27,6 +28,9 @@ HTML_CSP = (
     b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     b"connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
+# Told of every finished request: (method, route template, status, duration_ms, user_id). Must not block.
+RequestRecorder = Callable[[str, str, int, float, str | None], None]
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -68,9 +72,10 @@ class RequestContextMiddleware:
     """Gives each request an id (echoed as X-Request-ID), logs one line per request, and turns an exception
     no handler claimed into the error envelope (500, or 503 for a database outage) if nothing was sent yet."""
 
-    def __init__(self, app: ASGIApp, retry_after_s: int = 2) -> None:
+    def __init__(self, app: ASGIApp, retry_after_s: int = 2, on_request: RequestRecorder | None = None) -> None:
         self.app = app
         self.retry_after_s = retry_after_s
+        self.on_request = on_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -124,6 +129,8 @@ class RequestContextMiddleware:
             "status": status,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
         }
+        if self.on_request is not None:
+            self.on_request(fields["method"], fields["route"], status, fields["duration_ms"], state.get("user_id"))
         if state.get("user_id"):
             fields["user_id"] = state["user_id"]
         # 503 is a declared state (starting, draining, database down) that says so in its own lines.

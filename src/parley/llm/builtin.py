@@ -39,6 +39,7 @@ from parley.llm.base import (
 CURRENT_TIME = "current_time"
 CALCULATOR = "calculator"
 SEARCH_THREADS = "search_threads"
+USAGE_REPORT = "usage_report"
 MAX_ECHO_CHARS = 200
 
 _TIME_WORDS = re.compile(
@@ -49,6 +50,10 @@ _SEARCH_WORDS = re.compile(
     r"(?:do\s+you\s+)?remember|recall)\b", re.I)
 _CALCULATION_WORDS = re.compile(
     r"\b(?:calculate|compute|evaluate|solve|what\s+is|what's|whats|how\s+much\s+is)\b|=", re.I)
+_USAGE_WORDS = re.compile(
+    r"\b(?:tokens?|usage|how\s+much\s+(?:did\s+i\s+)?(?:spend|spent|cost)|my\s+(?:spend|costs?|bill))\b", re.I)
+_PERIODS = (("today", re.compile(r"\btoday\b", re.I)), ("month", re.compile(r"\bmonth\b", re.I)),
+            ("year", re.compile(r"\byear\b", re.I)))
 _ZONE = re.compile(r"\b[A-Za-z]+(?:/[A-Za-z0-9_+\-]+)+\b")
 _UTC = re.compile(r"\b(?:UTC|GMT)\b", re.I)
 # Dates and clock times look like arithmetic (2026-11-29, 10/12/2026, 14:05) but are not.
@@ -223,6 +228,12 @@ def plan_tool_calls(turn: Turn, offered: set[str]) -> tuple[ToolCall, ...]:
     planned: list[tuple[str, dict[str, Any]]] = []
     expression = extract_expression(text)
     wants_search = _SEARCH_WORDS.search(text) is not None
+    if USAGE_REPORT in offered and not wants_search and _USAGE_WORDS.search(text):
+        period = next((name for name, pattern in _PERIODS if pattern.search(text)), "week")
+        group_by = "agent" if re.search(r"\bagents?\b", text, re.I) else \
+            "day" if re.search(r"\b(?:day|daily|per\s+day)\b", text, re.I) else "model"
+        planned.append((USAGE_REPORT, {"period": period, "group_by": group_by}))
+        expression = None
     if CURRENT_TIME in offered and not wants_search and _TIME_WORDS.search(text):
         zone = extract_zone(text)
         planned.append((CURRENT_TIME, {"timezone": zone} if zone else {}))
@@ -312,6 +323,8 @@ def _describe(result: ToolResult) -> str:
         return f"{value.get('expression', result.arguments.get('expression', ''))} = {value['result']}."
     if result.tool == SEARCH_THREADS and isinstance(value.get("matches"), list):
         return _describe_matches(str(value.get("query", result.arguments.get("query", ""))), value["matches"])
+    if result.tool == USAGE_REPORT and isinstance(value.get("items"), list):
+        return _describe_usage(value)
     shown = orjson.dumps(result.result, default=str).decode()
     return f"The {result.tool} tool answered: {_shorten(shown, 300)}."
 
@@ -329,6 +342,24 @@ def _describe_matches(query: str, matches: list[Any]) -> str:
     return f"I found {len(matches)} {noun} mentioning “{query}”: " + "; ".join(found) + "."
 
 
+def _describe_usage(report: dict[str, Any]) -> str:
+    period = {"today": "Today", "week": "This week", "month": "This month", "year": "This year"}.get(
+        str(report.get("period")), "In that period")
+    raw_totals = report.get("totals")
+    totals: dict[str, Any] = raw_totals if isinstance(raw_totals, dict) else {}
+    runs = int(totals.get("runs", 0))
+    if runs == 0:
+        return f"{period} you have not used any tokens yet."
+    tokens_in, tokens_out = int(totals.get("input_tokens", 0)), int(totals.get("output_tokens", 0))
+    parts = [f"{item.get('key') or 'unknown'}: {int(item.get('input_tokens', 0)) + int(item.get('output_tokens', 0))}"
+             f" tokens in {int(item.get('runs', 0))} run{'s' if int(item.get('runs', 0)) != 1 else ''}"
+             for item in report["items"] if isinstance(item, dict)]
+    by = {"model": "By model", "agent": "By agent", "day": "By day"}.get(str(report.get("group_by")), "In detail")
+    cost = float(totals.get("cost_usd", 0.0))
+    return (f"{period} you used {tokens_in + tokens_out} tokens ({tokens_in} in, {tokens_out} out) over {runs} "
+            f"run{'s' if runs != 1 else ''}, costing ${cost:.4f}. {by}: " + "; ".join(parts) + ".")
+
+
 def _describe_failure(result: ToolResult) -> str:
     reason = (result.error or "it failed without saying why").rstrip(". ")
     if result.tool == CALCULATOR:
@@ -338,6 +369,8 @@ def _describe_failure(result: ToolResult) -> str:
         return f"I couldn't tell the time: {reason}."
     if result.tool == SEARCH_THREADS:
         return f"I couldn't search your messages: {reason}."
+    if result.tool == USAGE_REPORT:
+        return f"I couldn't look up your usage: {reason}."
     return f"The {result.tool} tool failed: {reason}."
 
 
@@ -345,6 +378,7 @@ _ABILITIES = (
     (CURRENT_TIME, "tell the time anywhere (try “what time is it in Asia/Tokyo?”)"),
     (CALCULATOR, "do arithmetic (“what is 12 * (3 + 4)?”)"),
     (SEARCH_THREADS, "search your earlier messages (“did I mention the budget?”)"),
+    (USAGE_REPORT, "report your token usage (“how many tokens did I use this week?”)"),
 )
 
 

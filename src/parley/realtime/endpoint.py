@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket
 
+from parley.analytics.records import ConnectionRecord
 from parley.auth.ratelimit import SlidingWindowLimiter
 from parley.auth.tokens import Principal
 from parley.clock import rfc3339, utcnow
@@ -95,8 +96,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         connection.close(CLOSE_INTERNAL, "internal error")  # a no-op unless something above left it open
         await connection.shutdown()
         hub.unregister(connection)
+        duration_s = time.monotonic() - opened
         log.info("ws_closed", connection_id=connection.id, user_id=principal.user_id, code=connection.close_code,
-                 by=connection.closed_by, duration_s=round(time.monotonic() - opened, 3))
+                 by=connection.closed_by, duration_s=round(duration_s, 3))
+        services.analytics.record(ConnectionRecord(
+            ts=utcnow(), connection_id=connection.id, user_id=principal.user_id,
+            duration_ms=round(duration_s * 1000, 3), close_code=connection.close_code or 1005,
+            closed_by=connection.closed_by or "unknown"))
 
 
 async def _read_loop(websocket: WebSocket, connection: Connection, session: ClientSession,

@@ -1,0 +1,103 @@
+"""What analytics records: one frozen dataclass per kind, each naming its table and giving its row."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+
+def _row(record: Any) -> dict[str, Any]:
+    row = asdict(record)
+    for key, value in row.items():
+        if isinstance(value, datetime):
+            # ClickHouse parses this form into DateTime64(3, 'UTC') from JSONEachRow.
+            row[key] = value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}"
+    return row
+
+
+@dataclass(frozen=True, slots=True)
+class LLMCallRecord:
+    table: ClassVar[str] = "llm_calls"
+    ts: datetime
+    user_id: str
+    thread_id: str
+    run_id: str
+    agent: str
+    provider: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    ttft_ms: float
+    latency_ms: float
+    cost_usd: float
+    outcome: str  # "ok" or an error code
+
+    def row(self) -> dict[str, Any]:
+        return _row(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallRecord:
+    table: ClassVar[str] = "tool_calls"
+    ts: datetime
+    user_id: str
+    thread_id: str
+    run_id: str
+    agent: str
+    tool: str
+    duration_ms: float
+    ok: bool
+
+    def row(self) -> dict[str, Any]:
+        return _row(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    table: ClassVar[str] = "runs"
+    ts: datetime  # when the run finished
+    user_id: str
+    thread_id: str
+    run_id: str
+    agent: str
+    model: str
+    status: str
+    duration_ms: float
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+    def row(self) -> dict[str, Any]:
+        return _row(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    table: ClassVar[str] = "ws_connections"
+    ts: datetime  # when the connection closed
+    connection_id: str
+    user_id: str
+    duration_ms: float
+    close_code: int
+    closed_by: str
+
+    def row(self) -> dict[str, Any]:
+        return _row(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    table: ClassVar[str] = "http_requests"
+    ts: datetime
+    method: str
+    route: str
+    status: int
+    duration_ms: float
+    user_id: str
+
+    def row(self) -> dict[str, Any]:
+        return _row(self)
+
+
+Record = LLMCallRecord | ToolCallRecord | RunRecord | ConnectionRecord | RequestRecord

@@ -1,0 +1,209 @@
+"""The analytics sink: producers hand it records without waiting; one writer ships them in batches.
+
+`record()` never blocks and never fails: the queue is bounded, and beyond its bound the oldest records are
+dropped and counted. The writer connects and migrates lazily, batches by size or every flush interval, and
+runs every ClickHouse call on a thread of its own. When ClickHouse is slow or down nothing else notices: the
+writer retries with backoff, `/health` says `degraded` and why, and the backlog flushes when it returns.
+`DisabledSink` is what a process without analytics has; the rest of the code never asks which it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+from parley.analytics.clickhouse import ClickHouseStore
+from parley.analytics.records import Record
+from parley.health.components import ComponentHealth
+from parley.observability.logging import describe, get_logger
+
+log = get_logger("parley.analytics")
+
+T = TypeVar("T")
+
+
+class AnalyticsUnavailable(Exception):
+    """Analytics is off, or ClickHouse cannot answer now."""
+
+
+class AnalyticsSink(Protocol):
+    name: str
+    required: bool
+    backend: str  # "clickhouse", "chdb" or "off"
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def record(self, record: Record) -> None: ...
+
+    async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def check(self) -> ComponentHealth: ...
+
+
+class DisabledSink:
+    name = "analytics"
+    required = False
+    backend = "off"
+    enabled = False
+
+    def record(self, record: Record) -> None:
+        return None
+
+    async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        raise AnalyticsUnavailable("analytics is off")
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def check(self) -> ComponentHealth:
+        return ComponentHealth("disabled", detail="no analytics backend configured")
+
+
+class ClickHouseSink:
+    name = "analytics"
+    required = False
+    enabled = True
+
+    def __init__(self, store: ClickHouseStore, *, queue_max: int, batch_max: int, flush_interval_s: float,
+                 retry_max_s: float, shutdown_flush_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.backend = store.backend
+        self.queue_max = queue_max
+        self.batch_max = batch_max
+        self.flush_interval_s = flush_interval_s
+        self.retry_max_s = retry_max_s
+        self.shutdown_flush_s = shutdown_flush_s
+        self._clock = clock
+        self._queue: deque[Record] = deque()
+        self._pending: list[Record] = []  # taken from the queue, not yet written
+        self._full = asyncio.Event()  # the queue holds a whole batch
+        self._flushed = asyncio.Event()  # everything recorded so far is written
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-analytics")
+        self._writer: asyncio.Task[None] | None = None
+        self._ready = False
+        self._stopping = False
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
+        self.dropped = 0
+        self.written = 0
+
+    # --- producing -----------------------------------------------------------------------------------------
+    def record(self, record: Record) -> None:
+        if self._stopping:
+            self.dropped += 1
+            return
+        if len(self._queue) >= self.queue_max:
+            self._queue.popleft()  # the oldest goes: recent records matter more to an operator
+            self.dropped += 1
+        self._queue.append(record)
+        self._flushed.clear()
+        if len(self._queue) >= self.batch_max:
+            self._full.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue) + len(self._pending)
+
+    # --- reading -------------------------------------------------------------------------------------------
+    async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if not self._ready:
+            raise AnalyticsUnavailable(self.last_error or "analytics is not connected yet")
+        try:
+            return await self._call(self.store.query, sql, parameters)
+        except Exception as exc:
+            raise AnalyticsUnavailable(describe(exc)) from exc
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopping = False
+        self._writer = asyncio.create_task(self._run(), name="parley-analytics-writer")
+
+    async def stop(self) -> None:
+        """Flushes what is queued within `shutdown_flush_s`, then stops; says how much was left behind."""
+        self._stopping = True
+        self._full.set()
+        if self._writer is not None:
+            if self.queued and self._ready and self.failing_since is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flushed.wait(), timeout=self.shutdown_flush_s)
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self.queued:
+            log.warning("analytics_rows_lost_at_shutdown", rows=self.queued, reason=self.last_error or "deadline")
+        with contextlib.suppress(Exception):
+            await self._call(self.store.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def check(self) -> ComponentHealth:
+        counts = f"{self.written} rows written, {self.queued} queued, {self.dropped} dropped"
+        if self.failing_since is not None:
+            outage = self._clock() - self.failing_since
+            return ComponentHealth("degraded", detail=f"{self.backend} unreachable for {outage:.0f} s "
+                                   f"({self.last_error}); retrying; {counts}")
+        if not self._ready:
+            return ComponentHealth("starting", detail=f"connecting to {self.backend}; {counts}")
+        try:
+            latency = await asyncio.wait_for(self._call(self.store.ping), timeout=1.5)
+        except Exception as exc:
+            return ComponentHealth("degraded", detail=f"{self.backend} not answering ({describe(exc)}); {counts}")
+        return ComponentHealth("healthy", latency_ms=latency, detail=f"{self.backend}: {counts}")
+
+    # --- the writer ----------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                if not self._ready:
+                    applied = await self._call(self.store.migrate)
+                    self._ready = True
+                    log.info("analytics_connected", backend=self.backend, migrations_applied=applied)
+                if not self._pending:
+                    await self._wait_for_records()
+                    self._pending = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
+                if self._pending:
+                    self.written += await self._call(self.store.insert, self._pending)
+                    self._pending = []
+                    if not self._queue:
+                        self._flushed.set()
+            except Exception as exc:  # ClickHouse is down or refusing: keep the batch, back off, retry
+                self._failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            if self.failing_since is not None:
+                log.info("analytics_recovered", outage_s=round(self._clock() - self.failing_since, 3),
+                         dropped=self.dropped)
+                self.failing_since = None
+            delay = 0.2
+
+    async def _wait_for_records(self) -> None:
+        if self._queue and (len(self._queue) >= self.batch_max or self._stopping):
+            return
+        self._full.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._full.wait(), timeout=self.flush_interval_s)
+
+    def _failed(self, exc: Exception) -> None:
+        self.last_error = describe(exc)[:200]
+        if self.failing_since is None:
+            self.failing_since = self._clock()
+            log.warning("analytics_write_failed", backend=self.backend, reason=self.last_error,
+                        queued=self.queued, note="requests are unaffected; retrying with backoff")
