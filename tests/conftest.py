@@ -79,6 +79,8 @@ def make_settings(tmp_path: Path, database_url: str) -> SettingsFactory:
             # Cheap hashes: the suite registers hundreds of accounts; production keeps the default cost.
             "password_hash_memory_kib": 1024,
             "password_hash_time_cost": 1,
+            # chDB admits one data path per process; tests about analytics turn it on themselves.
+            "analytics": "off",
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

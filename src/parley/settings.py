@@ -15,7 +15,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def chdb_installed() -> bool:
-    return importlib.util.find_spec("chdb") is not None
+    try:
+        return importlib.util.find_spec("chdb") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _default_data_dir() -> Path:
@@ -200,6 +203,12 @@ class Settings(BaseSettings):
             problems.append(f"chDB (embedded ClickHouse) allows one process per data directory, not "
                             f"{self.workers} workers: use a ClickHouse server (PARLEY_CLICKHOUSE_URL) or "
                             "PARLEY_ANALYTICS=off")
+        try:
+            from parley.analytics.pricing import PriceTable  # here, so settings load without the rest of parley
+
+            PriceTable.load(self.model_prices, self.model_prices_file)
+        except (ValueError, OSError) as exc:
+            problems.append(f"model prices: {exc}")
         if self.llm_provider == "openai" and not self.openai_api_key and "api.openai.com" in self.openai_base_url:
             problems.append("PARLEY_LLM_PROVIDER=openai needs PARLEY_OPENAI_API_KEY for api.openai.com")
         return problems

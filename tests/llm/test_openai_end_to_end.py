@@ -4,6 +4,7 @@ for a tool, gets its result back, and streams the answer; and a model failure en
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.conftest import SettingsFactory
 from tests.support.clients import register
@@ -18,9 +19,10 @@ def test_conversation_through_an_openai_compatible_server(make_settings: Setting
             ToolCallReply(calls=(ScriptedToolCall("call_a", "calculator", ('{"expre', 'ssion": "6', '*7"}')),)),
             TextReply(pieces=("The answer ", "is 42", ".")),
         )
+        prices = '{"fake-model": {"input_per_mtok": 1000, "output_per_mtok": 2000}}'
         server = LiveServer(make_settings(llm_provider="openai", openai_base_url=fake.base_url,
                                           openai_api_key="sk-test-key-not-real", openai_model="fake-model",
-                                          llm_max_retries=0)).start()
+                                          llm_max_retries=0, model_prices=prices)).start()
         try:
             with httpx.Client(base_url=server.url) as client:
                 account = register(client)
@@ -28,6 +30,7 @@ def test_conversation_through_an_openai_compatible_server(make_settings: Setting
                     chat.send("user_message", {"content": "what is six times seven?"})
                     messages = chat.run_to_end()
                 health = client.get("/health").json()["components"]["llm"]
+                run = client.get(f"/api/runs/{messages[-1]['run_id']}", headers=account.headers).json()
         finally:
             server.stop()
         types = [m["type"] for m in messages if "seq" in m]
@@ -38,10 +41,13 @@ def test_conversation_through_an_openai_compatible_server(make_settings: Setting
         assert messages[-1]["payload"]["message"]["content"] == "The answer is 42."
         usage = messages[-1]["payload"]["usage"]
         assert usage["input_tokens"] == 20 + 11 and usage["output_tokens"] == 9 + 7
+        # Each call priced on its own: (20 * 1000 + 9 * 2000) / 1e6 + (11 * 1000 + 7 * 2000) / 1e6.
+        assert usage["cost_usd"] == pytest.approx(0.038 + 0.025)
+        assert run["usage"] == usage
 
         first, second = fake.chat_requests()
         assert first.body["model"] == "fake-model" and first.body["stream"] is True
-        assert {t["function"]["name"] for t in first.body["tools"]} == {"search_threads", "current_time",
+        assert {t["function"]["name"] for t in first.body["tools"]} == {"search_threads", "current_time", "usage_report",
                                                                        "calculator"}
         assert first.headers["authorization"] == "Bearer sk-test-key-not-real"
         sent = second.body["messages"]

@@ -207,7 +207,7 @@ def test_runs_listing_and_agents_catalogue(server: LiveServer, http: httpx.Clien
     agents = http.get("/api/agents", headers=account.headers).json()["items"]
     assistant = next(a for a in agents if a["name"] == "assistant")
     tools = {t["name"]: t for t in assistant["tools"]}
-    assert set(tools) == {"search_threads", "current_time", "calculator"}
+    assert set(tools) == {"search_threads", "current_time", "calculator", "usage_report"}
     assert tools["calculator"]["parameters"]["type"] == "object"
     assert "expression" in tools["calculator"]["parameters"]["properties"]
     assert http.get("/api/agents").status_code == 401

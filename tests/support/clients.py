@@ -40,3 +40,29 @@ def register(client: httpx.Client, email: str | None = None, password: str = "co
 
 def error_code(response: httpx.Response) -> str:
     return str(response.json()["error"]["code"])
+
+
+def promote_to_admin(settings: Any, client: httpx.Client, account: Account) -> Account:
+    """Makes the account an admin (as `parley user create --admin` would) and logs in again for a token
+    that carries the role."""
+    import asyncio
+
+    from sqlalchemy import update
+
+    from parley.storage.database import Database
+    from parley.storage.models import User
+
+    async def promote() -> None:
+        database = Database(settings)
+        try:
+            async with database.session() as session:
+                await session.execute(update(User).where(User.id == account.id).values(role="admin"))
+                await session.commit()
+        finally:
+            await database.dispose()
+
+    asyncio.run(promote())
+    login = client.post("/api/auth/login", json={"email": account.email, "password": account.password})
+    assert login.status_code == 200 and login.json()["user"]["role"] == "admin"
+    body = login.json()
+    return Account(account.email, account.password, body["user"], body["access_token"], body["refresh_token"])

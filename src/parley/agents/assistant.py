@@ -13,14 +13,15 @@ from parley.tools.dispatcher import parse_arguments
 SYSTEM_PROMPT = (
     "You are parley's assistant. Answer briefly and plainly. Use the tools when they help: "
     "current_time for the date and time, calculator for arithmetic, search_threads to find what the user "
-    "wrote in earlier conversations."
+    "wrote in earlier conversations, usage_report for their token usage and cost."
 )
 
 
 class Assistant:
     name: ClassVar[str] = "assistant"
-    description: ClassVar[str] = "A general assistant that can tell the time, calculate and search your threads."
-    tool_names: ClassVar[tuple[str, ...]] = ("search_threads", "current_time", "calculator")
+    description: ClassVar[str] = ("A general assistant that can tell the time, calculate, search your threads and "
+                                  "report your token usage.")
+    tool_names: ClassVar[tuple[str, ...]] = ("search_threads", "current_time", "calculator", "usage_report")
     admin_only: ClassVar[bool] = False
     system_prompt: ClassVar[str] = SYSTEM_PROMPT
 

@@ -141,7 +141,8 @@ class ClickHouseSink:
         if self._writer is not None:
             if self.queued and self._ready and self.failing_since is None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._flushed.wait(), timeout=self.shutdown_flush_s)
+                    async with asyncio.timeout(self.shutdown_flush_s):
+                        await self._flushed.wait()
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
@@ -161,7 +162,8 @@ class ClickHouseSink:
         if not self._ready:
             return ComponentHealth("starting", detail=f"connecting to {self.backend}; {counts}")
         try:
-            latency = await asyncio.wait_for(self._call(self.store.ping), timeout=1.5)
+            async with asyncio.timeout(1.5):
+                latency = await self._call(self.store.ping)
         except Exception as exc:
             return ComponentHealth("degraded", detail=f"{self.backend} not answering ({describe(exc)}); {counts}")
         return ComponentHealth("healthy", latency_ms=latency, detail=f"{self.backend}: {counts}")
@@ -198,8 +200,10 @@ class ClickHouseSink:
         if self._queue and (len(self._queue) >= self.batch_max or self._stopping):
             return
         self._full.clear()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the writer's cancellation.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._full.wait(), timeout=self.flush_interval_s)
+            async with asyncio.timeout(self.flush_interval_s):
+                await self._full.wait()
 
     def _failed(self, exc: Exception) -> None:
         self.last_error = describe(exc)[:200]

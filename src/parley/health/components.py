@@ -142,7 +142,8 @@ class Lifecycle:
             if component.name not in self._started:
                 continue
             try:
-                await asyncio.wait_for(component.stop(), timeout=deadline_s)
+                async with asyncio.timeout(deadline_s):
+                    await component.stop()
             except Exception as exc:  # keep stopping the others; say what went wrong
                 log.error("component_stop_failed", component=component.name, reason=describe(exc))
             self._started.discard(component.name)
@@ -166,7 +167,8 @@ class Lifecycle:
                 return ComponentHealth("starting", detail=detail)
             return ComponentHealth("unhealthy", detail=detail or "not started")
         try:
-            return await asyncio.wait_for(component.check(), timeout=CHECK_TIMEOUT_S)
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                return await component.check()
         except TimeoutError:
             return ComponentHealth("unhealthy", latency_ms=CHECK_TIMEOUT_S * 1000, detail="check timed out")
         except Exception as exc:  # a failing check is an unhealthy component, never a failing endpoint

@@ -174,7 +174,8 @@ class Connection:
         if self._writer is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._writer), timeout=5)
+            async with asyncio.timeout(5):
+                await asyncio.shield(self._writer)
         except TimeoutError:
             self._writer.cancel()
         self._finish(self.close_code, self.close_reason, self.closed_by or "server")

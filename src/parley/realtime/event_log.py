@@ -137,7 +137,8 @@ class EventLog:
         if self._task is None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout=deadline_s)
+            async with asyncio.timeout(deadline_s):
+                await self._queue.join()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

@@ -93,7 +93,8 @@ async def _stream(services: ServicesDep, thread_id: str, after_seq: int) -> Asyn
         yield ": connected\n\n"
         while services.lifecycle.phase is Phase.READY:
             try:
-                item = await asyncio.wait_for(queue.get(), timeout=1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: it can swallow the stream's cancellation
+                    item = await queue.get()
             except TimeoutError:
                 if loop.time() - last_sent >= settings.sse_keepalive_s:
                     last_sent = loop.time()
