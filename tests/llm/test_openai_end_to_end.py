@@ -47,8 +47,8 @@ def test_conversation_through_an_openai_compatible_server(make_settings: Setting
 
         first, second = fake.chat_requests()
         assert first.body["model"] == "fake-model" and first.body["stream"] is True
-        assert {t["function"]["name"] for t in first.body["tools"]} == {"search_threads", "current_time", "usage_report",
-                                                                       "calculator"}
+        offered = {t["function"]["name"] for t in first.body["tools"]}
+        assert offered == {"search_threads", "current_time", "usage_report", "calculator"}
         assert first.headers["authorization"] == "Bearer sk-test-key-not-real"
         sent = second.body["messages"]
         assert sent[0]["role"] == "system" and sent[1] == {"role": "user", "content": "what is six times seven?"}
