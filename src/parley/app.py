@@ -46,7 +46,12 @@ from parley.llm.base import LLMProvider
 from parley.llm.builtin import BuiltinProvider
 from parley.llm.component import LLMComponent
 from parley.llm.openai_provider import OpenAIProvider
+from parley.observability.alerts import AlertManager
 from parley.observability.logging import get_logger
+from parley.observability.metrics import Metrics
+from parley.observability.routes import router as observability_router
+from parley.observability.slo import SLOTracker
+from parley.observability.telemetry import Telemetry
 from parley.realtime.bus import InProcessEventBus
 from parley.realtime.component import AgentBridge, RealtimeServices
 from parley.realtime.endpoint import websocket_endpoint
@@ -77,7 +82,7 @@ def build_llm(settings: Settings) -> LLMProvider:
     return BuiltinProvider(token_delay_s=settings.builtin_token_delay_s)
 
 
-def build_analytics(settings: Settings) -> AnalyticsSink:
+def build_analytics(settings: Settings, metrics: Metrics) -> AnalyticsSink:
     backend = settings.analytics_backend
     if backend == "off":
         return DisabledSink()
@@ -90,7 +95,8 @@ def build_analytics(settings: Settings) -> AnalyticsSink:
     return ClickHouseSink(store, queue_max=settings.analytics_queue_max, batch_max=settings.analytics_batch_max,
                           flush_interval_s=settings.analytics_flush_interval_s,
                           retry_max_s=settings.analytics_retry_max_s,
-                          shutdown_flush_s=settings.analytics_shutdown_flush_s)
+                          shutdown_flush_s=settings.analytics_shutdown_flush_s,
+                          on_drop=metrics.analytics_dropped.inc)
 
 
 def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = None,
@@ -110,30 +116,39 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
         register_by_address=SlidingWindowLimiter(settings.register_rate_limit, window, keys),
     )
 
-    analytics = build_analytics(settings)
+    metrics = Metrics()
+    slos = SLOTracker()
+    analytics = build_analytics(settings, metrics)
+    telemetry = Telemetry(metrics, slos, analytics)
+    webhook = settings.alert_webhook.get_secret_value() if settings.alert_webhook else None
+    alerts = AlertManager(slos, metrics, webhook, settings.alert_eval_interval_s)
     prices = PriceTable.load(settings.model_prices, settings.model_prices_file)
     usage = UsageService(database, analytics, settings.analytics_database)
     bus = InProcessEventBus()
     writer_database = Database(settings, pool_size=1, max_overflow=1)
     event_log = EventLog(writer_database, bus, batch_max=settings.event_log_batch_max,
-                         queue_max=settings.event_log_queue_max)
+                         queue_max=settings.event_log_queue_max,
+                         on_stored=lambda count: telemetry.run_events("stored", count))
     llm = build_llm(settings)
     tools = ToolRegistry([SearchThreadsTool(database), CurrentTimeTool(), CalculatorTool(), UsageReportTool(usage),
                           *extra_tools])
     agents = AgentRegistry([Assistant(), *extra_agents])
     runs = RunManager(settings, database, event_log, bus, agents, tools, llm, worker_id=new_id(),
-                      analytics=analytics, prices=prices)
+                      telemetry=telemetry, prices=prices)
     hub = ConnectionHub(settings.ws_max_connections_per_user)
     realtime = RealtimeServices(bus=bus, event_log=event_log, hub=hub, router=build_router(),
-                                session_services=SessionServices(database=database, bus=bus, runs=runs))
+                                session_services=SessionServices(database=database, bus=bus, runs=runs,
+                                                                 telemetry=telemetry))
     bridge = AgentBridge(event_log, runs, hub, deadline_s=settings.shutdown_deadline_s)
 
     # The declared start order: storage, then delivery, then the model, then what accepts work.
-    components: list[Component] = [DatabaseComponent(database, settings), bus, analytics, LLMComponent(llm), bridge]
+    components: list[Component] = [DatabaseComponent(database, settings), bus, analytics, alerts, LLMComponent(llm),
+                                   bridge]
     lifecycle = Lifecycle(components, on_fatal=on_fatal)
     return AppServices(settings=settings, database=database, lifecycle=lifecycle, auth=auth,
                        rate_limits=rate_limits, agents=agents, tools=tools, runs=runs, realtime=realtime,
-                       bridge=bridge, analytics=analytics, usage=usage)
+                       bridge=bridge, analytics=analytics, usage=usage, telemetry=telemetry, slos=slos,
+                       alerts=alerts)
 
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None, *,
@@ -171,12 +186,13 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(runs_router)
     app.include_router(realtime_router)
     app.include_router(usage_router)
+    app.include_router(observability_router)
     app.add_api_websocket_route("/ws", websocket_endpoint)
 
     # Added innermost first: the security headers wrap everything, including the last-resort error answer.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(RequestContextMiddleware, retry_after_s=settings.database_retry_after_s,
-                       on_request=_request_recorder(services.analytics))
+                       on_request=_request_recorder(services.telemetry))
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
@@ -186,12 +202,9 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     return app
 
 
-def _request_recorder(analytics: AnalyticsSink) -> RequestRecorder | None:
-    if not analytics.enabled:
-        return None
-
+def _request_recorder(telemetry: Telemetry) -> RequestRecorder:
     def record(method: str, route: str, status: int, duration_ms: float, user_id: str | None) -> None:
-        analytics.record(RequestRecord(ts=utcnow(), method=method, route=route, status=status,
+        telemetry.record(RequestRecord(ts=utcnow(), method=method, route=route, status=status,
                                        duration_ms=duration_ms, user_id=user_id or ""))
 
     return record

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
     model_prices: str | None = None
     model_prices_file: Path | None = None
 
+    # --- observability -------------------------------------------------------------------------------------
+    alert_webhook: SecretStr | None = None  # POSTed every SLO alert transition (firing, resolved)
+    alert_eval_interval_s: float = Field(default=5.0, gt=0, le=300)
+    recent_errors_max: int = Field(default=5000, ge=100, le=1_000_000)
+
     # --- WebSocket and SSE ---------------------------------------------------------------------------------
     ws_heartbeat_s: float = Field(default=20.0, ge=1, le=3600)
     ws_max_frame_bytes: int = Field(default=65_536, ge=1024, le=16 * 1_048_576)

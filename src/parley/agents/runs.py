@@ -33,8 +33,7 @@ from parley.agents.context import UserExecutionContext
 from parley.agents.schemas import FINISHED_STATUSES, UNFINISHED_STATUSES, RunOut
 from parley.analytics.metered import MeteredLLM
 from parley.analytics.pricing import PriceTable
-from parley.analytics.records import RunRecord, ToolCallRecord
-from parley.analytics.sink import AnalyticsSink
+from parley.analytics.records import Recorder, RunRecord, ToolCallRecord
 from parley.clock import rfc3339, utcnow
 from parley.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from parley.ids import new_id
@@ -104,7 +103,7 @@ class _LocalRun:
 class RunManager:
     def __init__(self, settings: Settings, database: Database, event_log: EventLog, bus: EventBus,
                  agents: AgentRegistry, tools: ToolRegistry, llm: LLMProvider, worker_id: str,
-                 analytics: AnalyticsSink, prices: PriceTable) -> None:
+                 telemetry: Recorder, prices: PriceTable) -> None:
         self.settings = settings
         self.database = database
         self.event_log = event_log
@@ -113,7 +112,7 @@ class RunManager:
         self.tools = tools
         self.llm = llm
         self.worker_id = worker_id
-        self.analytics = analytics
+        self.telemetry = telemetry
         self.prices = prices
         self._local: dict[str, _LocalRun] = {}
         self._thread_tail: dict[str, asyncio.Future[None]] = {}
@@ -243,7 +242,7 @@ class RunManager:
         run = submission.run
         ctx = UserExecutionContext(user_id=local.user_id, thread_id=run.thread_id, run_id=run.id,
                                    request_id=submission.request_id, agent=run.agent, is_admin=submission.is_admin)
-        state = _RunState(llm=MeteredLLM(self.llm, ctx, self.analytics, self.prices))
+        state = _RunState(llm=MeteredLLM(self.llm, ctx, self.telemetry, self.prices))
         try:
             try:
                 if previous is not None:
@@ -300,7 +299,7 @@ class RunManager:
                                        "duration_ms": outcome.duration_ms}
             payload.update({"result": outcome.result} if outcome.ok else {"error": outcome.error})
             state.tool_calls.append({**payload, "arguments": outcome.arguments})
-            self.analytics.record(ToolCallRecord(
+            self.telemetry.record(ToolCallRecord(
                 ts=utcnow(), user_id=ctx.user_id, thread_id=ctx.thread_id, run_id=ctx.run_id, agent=ctx.agent,
                 tool=outcome.tool, duration_ms=outcome.duration_ms, ok=outcome.ok))
             await self._emit(ctx, EventType.TOOL_COMPLETED, payload)
@@ -368,7 +367,7 @@ class RunManager:
                 "lease_until": None, **changes})],
             owner_id=ctx.user_id)))
         duration = (now - state.started_at).total_seconds() * 1000 if state.started_at else 0.0
-        self.analytics.record(RunRecord(
+        self.telemetry.record(RunRecord(
             ts=now, user_id=ctx.user_id, thread_id=ctx.thread_id, run_id=ctx.run_id, agent=ctx.agent,
             model=usage.model, status=status, duration_ms=round(duration, 3), input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens, cost_usd=state.llm.cost_usd))

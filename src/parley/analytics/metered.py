@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 
 from parley.agents.context import UserExecutionContext
 from parley.analytics.pricing import PriceTable
-from parley.analytics.records import LLMCallRecord
-from parley.analytics.sink import AnalyticsSink
+from parley.analytics.records import LLMCallRecord, Recorder
 from parley.clock import utcnow
 from parley.llm.base import LLMChunk, LLMError, LLMProvider, LLMRequest, ProviderHealth, Usage
 
@@ -16,7 +15,7 @@ from parley.llm.base import LLMChunk, LLMError, LLMProvider, LLMRequest, Provide
 class MeteredLLM:
     """Made per run; sums the run's cost. Satisfies `LLMProvider`, so agents cannot tell it apart."""
 
-    def __init__(self, provider: LLMProvider, ctx: UserExecutionContext, sink: AnalyticsSink,
+    def __init__(self, provider: LLMProvider, ctx: UserExecutionContext, sink: Recorder,
                  prices: PriceTable) -> None:
         self.provider = provider
         self.name = provider.name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 
 def _row(record: Any) -> dict[str, Any]:
@@ -101,3 +101,9 @@ class RequestRecord:
 
 
 Record = LLMCallRecord | ToolCallRecord | RunRecord | ConnectionRecord | RequestRecord
+
+
+class Recorder(Protocol):
+    """Anything that takes records without blocking (the analytics sink, or telemetry in front of it)."""
+
+    def record(self, record: Record) -> None: ...

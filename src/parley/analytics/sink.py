@@ -78,7 +78,8 @@ class ClickHouseSink:
     enabled = True
 
     def __init__(self, store: ClickHouseStore, *, queue_max: int, batch_max: int, flush_interval_s: float,
-                 retry_max_s: float, shutdown_flush_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 retry_max_s: float, shutdown_flush_s: float, clock: Callable[[], float] = time.monotonic,
+                 on_drop: Callable[[], None] | None = None) -> None:
         self.store = store
         self.backend = store.backend
         self.queue_max = queue_max
@@ -87,6 +88,7 @@ class ClickHouseSink:
         self.retry_max_s = retry_max_s
         self.shutdown_flush_s = shutdown_flush_s
         self._clock = clock
+        self._on_drop = on_drop or (lambda: None)
         self._queue: deque[Record] = deque()
         self._pending: list[Record] = []  # taken from the queue, not yet written
         self._full = asyncio.Event()  # the queue holds a whole batch
@@ -104,10 +106,12 @@ class ClickHouseSink:
     def record(self, record: Record) -> None:
         if self._stopping:
             self.dropped += 1
+            self._on_drop()
             return
         if len(self._queue) >= self.queue_max:
             self._queue.popleft()  # the oldest goes: recent records matter more to an operator
             self.dropped += 1
+            self._on_drop()
         self._queue.append(record)
         self._flushed.clear()
         if len(self._queue) >= self.batch_max:

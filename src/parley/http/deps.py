@@ -23,9 +23,12 @@ from parley.auth.service import AuthService
 from parley.auth.tokens import Principal
 from parley.errors import NotFound, ServiceUnavailable, Unauthorized
 from parley.health.components import Lifecycle
+from parley.observability.alerts import AlertManager
+from parley.observability.slo import SLOTracker
+from parley.observability.telemetry import Telemetry
 from parley.realtime.component import AgentBridge, RealtimeServices
 from parley.settings import Settings
-from parley.storage.database import Database
+from parley.storage.database import Database, is_database_unavailable
 from parley.tools.base import ToolRegistry
 
 
@@ -52,6 +55,9 @@ class AppServices:
     bridge: AgentBridge
     analytics: AnalyticsSink
     usage: UsageService
+    telemetry: Telemetry
+    slos: SLOTracker
+    alerts: AlertManager
 
 
 def get_services(connection: HTTPConnection) -> AppServices:
@@ -65,7 +71,13 @@ async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
     if not services.lifecycle.is_started("database"):
         raise ServiceUnavailable("The service is starting; retry shortly.", code="starting", retry_after=1)
     async with services.database.sessionmaker() as session:
-        yield session
+        try:
+            yield session
+        except Exception as exc:
+            if is_database_unavailable(exc):
+                services.telemetry.db_session(ok=False)
+            raise
+        services.telemetry.db_session(ok=True)
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]

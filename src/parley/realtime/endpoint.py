@@ -19,7 +19,7 @@ from parley.clock import rfc3339, utcnow
 from parley.errors import ParleyError, Unauthorized
 from parley.http.deps import AppServices, bearer_token, get_services
 from parley.ids import new_id
-from parley.observability.logging import get_logger
+from parley.observability.logging import describe, get_logger
 from parley.realtime.connection import (
     CLOSE_INTERNAL,
     CLOSE_NOT_READY,
@@ -64,22 +64,29 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     hub = services.realtime.hub
     connection = Connection(websocket, new_id(), user_id="", queue_max=services.settings.ws_send_queue_max,
                             on_closed=hub.unregister)
+    telemetry = services.telemetry
     if not hub.accepting:
+        telemetry.ws_attempt("rejected_not_ready")
         await connection.reject(CLOSE_NOT_READY, "service not ready")
         return
     try:
         principal, subprotocol = await _authenticate(websocket, services)
     except Unauthorized as exc:
+        telemetry.ws_attempt("rejected_auth")
         await connection.reject(CLOSE_UNAUTHORIZED, exc.message)
         return
-    except ParleyError as exc:  # the database is unavailable while redeeming a ticket
-        await connection.reject(CLOSE_NOT_READY, exc.message)
+    except Exception as exc:  # the database is unavailable while redeeming a ticket
+        telemetry.ws_attempt("rejected_not_ready")
+        log.warning("ws_auth_unavailable", reason=describe(exc))
+        await connection.reject(CLOSE_NOT_READY, "authentication is unavailable; retry shortly")
         return
     if hub.user_is_full(principal.user_id):
+        telemetry.ws_attempt("rejected_rate_limited")
         await connection.reject(CLOSE_RATE_LIMITED, "too many connections for this user")
         return
     connection.user_id = principal.user_id
     await connection.accept(subprotocol)
+    telemetry.ws_attempt("accepted")
     hub.register(connection)
     session = ClientSession(connection, principal, services.realtime.session_services)
     opened = time.monotonic()
@@ -90,6 +97,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         await _read_loop(websocket, connection, session, services)
     except Exception:  # the connection's boundary: log with context and close cleanly with 1011
         log.exception("ws_connection_failed", connection_id=connection.id, user_id=principal.user_id)
+        telemetry.ws_attempt("error")
         connection.close(CLOSE_INTERNAL, "internal error")
     finally:
         session.close()
@@ -99,7 +107,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         duration_s = time.monotonic() - opened
         log.info("ws_closed", connection_id=connection.id, user_id=principal.user_id, code=connection.close_code,
                  by=connection.closed_by, duration_s=round(duration_s, 3))
-        services.analytics.record(ConnectionRecord(
+        telemetry.record(ConnectionRecord(
             ts=utcnow(), connection_id=connection.id, user_id=principal.user_id,
             duration_ms=round(duration_s * 1000, 3), close_code=connection.close_code or 1005,
             closed_by=connection.closed_by or "unknown"))

@@ -69,11 +69,12 @@ class EventLog:
     name = "event_log"
 
     def __init__(self, database: Database, bus: EventBus, *, batch_max: int, queue_max: int,
-                 retry_max_s: float = 2.0) -> None:
+                 retry_max_s: float = 2.0, on_stored: Callable[[int], None] | None = None) -> None:
         self.database = database
         self.bus = bus
         self.batch_max = batch_max
         self.retry_max_s = retry_max_s
+        self._on_stored = on_stored or (lambda count: None)
         self._queue: asyncio.Queue[WriteRequest] = asyncio.Queue(maxsize=queue_max)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -324,6 +325,7 @@ class EventLog:
     async def _deliver(self, stored: list[tuple[WriteRequest, list[StoredEvent]]]) -> None:
         events = [event for _, batch_events in stored for event in batch_events]
         self.events_stored += len(events)
+        self._on_stored(len(events))
         for request, request_events in stored:
             if not request.future.done():
                 request.future.set_result(request_events)

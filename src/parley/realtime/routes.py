@@ -68,17 +68,22 @@ async def _stream(services: ServicesDep, thread_id: str, after_seq: int) -> Asyn
     settings = services.settings
     queue: asyncio.Queue[object] = asyncio.Queue(maxsize=settings.ws_send_queue_max)
 
+    telemetry = services.telemetry
+
     def live(event: StoredEvent) -> bool:
         try:
             queue.put_nowait(event)
         except asyncio.QueueFull:  # too slow: end the stream; the client resumes with Last-Event-ID
             queue.get_nowait()
             queue.put_nowait(_CLOSED)
+            telemetry.run_events("dropped")
             return False
+        telemetry.run_events("sent")
         return True
 
     async def replayed(event: StoredEvent) -> bool:
         await queue.put(event)
+        telemetry.run_events("resent")
         return True
 
     async def read(thread: str, after: int, limit: int) -> list[StoredEvent]:

@@ -16,6 +16,7 @@ from parley.auth.tokens import Principal
 from parley.clock import utcnow
 from parley.errors import ParleyError
 from parley.observability.logging import get_logger
+from parley.observability.telemetry import Telemetry
 from parley.realtime.bus import EventBus
 from parley.realtime.connection import CLOSE_NORMAL, Connection
 from parley.realtime.event_log import EventLog
@@ -48,6 +49,7 @@ class SessionServices:
     database: Database
     bus: EventBus
     runs: RunManager
+    telemetry: Telemetry
 
 
 class ClientSession:
@@ -77,10 +79,14 @@ class ClientSession:
         await feed.start(self.services.bus)
 
     def _send_live(self, event: StoredEvent) -> bool:
-        return self.connection.send(event.wire)
+        sent = self.connection.send(event.wire)
+        self.services.telemetry.run_events("sent" if sent else "dropped")
+        return sent
 
     async def _send_replayed(self, event: StoredEvent) -> bool:
-        return await self.connection.send_when_room(event.wire)
+        sent = await self.connection.send_when_room(event.wire)
+        self.services.telemetry.run_events("resent" if sent else "dropped")
+        return sent
 
     async def _read_events(self, thread_id: str, after_seq: int, limit: int) -> list[StoredEvent]:
         async with self.services.database.session() as session:
