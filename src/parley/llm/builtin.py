@@ -40,6 +40,10 @@ CURRENT_TIME = "current_time"
 CALCULATOR = "calculator"
 SEARCH_THREADS = "search_threads"
 USAGE_REPORT = "usage_report"
+HEALTH_REPORT = "health_report"
+SLO_STATUS = "slo_status"
+ERROR_PATTERNS = "error_patterns"
+OPS_TOOLS = (HEALTH_REPORT, SLO_STATUS, ERROR_PATTERNS)
 MAX_ECHO_CHARS = 200
 
 _TIME_WORDS = re.compile(
@@ -52,6 +56,9 @@ _CALCULATION_WORDS = re.compile(
     r"\b(?:calculate|compute|evaluate|solve|what\s+is|what's|whats|how\s+much\s+is)\b|=", re.I)
 _USAGE_WORDS = re.compile(
     r"\b(?:tokens?|usage|how\s+much\s+(?:did\s+i\s+)?(?:spend|spent|cost)|my\s+(?:spend|costs?|bill))\b", re.I)
+_HEALTH_WORDS = re.compile(r"\b(?:health|healthy|unhealthy|status|down|components?|outage)\b", re.I)
+_SLO_WORDS = re.compile(r"\b(?:slos?|objectives?|budgets?|burn(?:ing|\s+rate)?|availability|alerts?)\b", re.I)
+_ERROR_WORDS = re.compile(r"\b(?:errors?|fail(?:ing|ures?|ed)?|broken|wrong|patterns?|exceptions?)\b", re.I)
 _PERIODS = (("today", re.compile(r"\btoday\b", re.I)), ("month", re.compile(r"\bmonth\b", re.I)),
             ("year", re.compile(r"\byear\b", re.I)))
 _ZONE = re.compile(r"\b[A-Za-z]+(?:/[A-Za-z0-9_+\-]+)+\b")
@@ -226,6 +233,9 @@ def plan_tool_calls(turn: Turn, offered: set[str]) -> tuple[ToolCall, ...]:
     """The tools the user's words ask for, among those offered, as calls with ids `call_<turn>_<n>`."""
     text = turn.user_text
     planned: list[tuple[str, dict[str, Any]]] = []
+    ops = [tool for tool in OPS_TOOLS if tool in offered]
+    if ops:
+        return _ops_calls(turn, offered)
     expression = extract_expression(text)
     wants_search = _SEARCH_WORDS.search(text) is not None
     if USAGE_REPORT in offered and not wants_search and _USAGE_WORDS.search(text):
@@ -247,6 +257,17 @@ def plan_tool_calls(turn: Turn, offered: set[str]) -> tuple[ToolCall, ...]:
         ToolCall(id=f"call_{turn.number}_{index}", name=name, arguments=orjson.dumps(arguments).decode())
         for index, (name, arguments) in enumerate(planned, start=1)
     )
+
+
+def _ops_calls(turn: Turn, offered: set[str]) -> tuple[ToolCall, ...]:
+    """An operator's question: the tools its words point at, or the whole picture when they point at none."""
+    wanted = [tool for tool, words in ((ERROR_PATTERNS, _ERROR_WORDS), (HEALTH_REPORT, _HEALTH_WORDS),
+                                       (SLO_STATUS, _SLO_WORDS)) if tool in offered and words.search(turn.user_text)]
+    if ERROR_PATTERNS in wanted and HEALTH_REPORT in offered and HEALTH_REPORT not in wanted:
+        wanted.append(HEALTH_REPORT)  # "what is failing?" is also a question about components
+    chosen = wanted or [tool for tool in OPS_TOOLS if tool in offered]
+    return tuple(ToolCall(id=f"call_{turn.number}_{index}", name=name, arguments="{}")
+                 for index, name in enumerate(chosen, start=1))
 
 
 def extract_zone(text: str) -> str | None:
@@ -325,6 +346,12 @@ def _describe(result: ToolResult) -> str:
         return _describe_matches(str(value.get("query", result.arguments.get("query", ""))), value["matches"])
     if result.tool == USAGE_REPORT and isinstance(value.get("items"), list):
         return _describe_usage(value)
+    if result.tool == HEALTH_REPORT and isinstance(value.get("components"), dict):
+        return _describe_health(value)
+    if result.tool == SLO_STATUS and isinstance(value.get("slos"), list):
+        return _describe_slos(value)
+    if result.tool == ERROR_PATTERNS and isinstance(value.get("patterns"), list):
+        return _describe_patterns(value)
     shown = orjson.dumps(result.result, default=str).decode()
     return f"The {result.tool} tool answered: {_shorten(shown, 300)}."
 
@@ -358,6 +385,49 @@ def _describe_usage(report: dict[str, Any]) -> str:
     cost = float(totals.get("cost_usd", 0.0))
     return (f"{period} you used {tokens_in + tokens_out} tokens ({tokens_in} in, {tokens_out} out) over {runs} "
             f"run{'s' if runs != 1 else ''}, costing ${cost:.4f}. {by}: " + "; ".join(parts) + ".")
+
+
+def _describe_health(report: dict[str, Any]) -> str:
+    components = report["components"]
+    unhealthy = [f"{name} is {c.get('status')}" + (f" ({c['detail']})" if c.get("detail") else "")
+                 for name, c in components.items()
+                 if isinstance(c, dict) and c.get("status") not in ("healthy", "disabled")]
+    if not unhealthy:
+        return f"Every component is healthy ({', '.join(components)})."
+    return f"The service is {report.get('status')}: " + "; ".join(unhealthy) + "."
+
+
+def _percent(value: Any) -> str:
+    return "no traffic" if value is None else f"{float(value) * 100:.2f}%"
+
+
+def _describe_slos(report: dict[str, Any]) -> str:
+    parts = []
+    for slo in report["slos"]:
+        if not isinstance(slo, dict):
+            continue
+        windows = slo.get("windows", {})
+        five, month = windows.get("5m", {}), windows.get("30d", {})
+        budget = slo.get("error_budget_remaining")
+        budget_text = "" if budget is None else f", {float(budget) * 100:.1f}% of the 30-day error budget left"
+        alert = " (ALERT FIRING)" if slo.get("alerting") else ""
+        parts.append(f"{slo.get('name')}: {_percent(five.get('sli'))} over 5 minutes, {_percent(month.get('sli'))} "
+                     f"over 30 days against {float(slo.get('objective', 0)) * 100:g}%{budget_text}{alert}")
+    firing = report.get("alerts_firing") or []
+    head = f"Alerts firing: {', '.join(firing)}. " if firing else "No SLO alert is firing. "
+    return head + "; ".join(parts) + "."
+
+
+def _describe_patterns(report: dict[str, Any]) -> str:
+    patterns = [p for p in report["patterns"] if isinstance(p, dict)]
+    total = int(report.get("total", 0))
+    if not patterns:
+        return "No warnings or errors were logged recently."
+    ranked = [f"{index}. {p.get('template')} ({p.get('count')}x, {float(p.get('share', 0)) * 100:.0f}%"
+              + (f", on {', '.join(list(p.get('routes') or {})[:2])}" if p.get("routes") else "") + ")"
+              for index, p in enumerate(patterns, start=1)]
+    return (f"{total} warnings and errors fall into {len(report['patterns'])} distinct patterns here; most "
+            "frequent first: " + " ".join(ranked))
 
 
 def _describe_failure(result: ToolResult) -> str:
