@@ -37,11 +37,29 @@ def _parser() -> argparse.ArgumentParser:
                         help="read the password from standard input instead of prompting")
 
     commands.add_parser("doctor", help="print the effective configuration and check every component")
+
+    slo = commands.add_parser("slo", help="service level objectives")
+    slo_commands = slo.add_subparsers(dest="slo_command", required=True, metavar="ACTION")
+    slo_commands.add_parser("rules", help="print Prometheus alerting rules equivalent to parley's SLO alerts")
+
+    diagnose = commands.add_parser("diagnose", help="rank the distinct failure patterns in log files",
+                                   add_help=False)
+    diagnose.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # These two read no configuration: they work on any machine, against any log or Prometheus.
+    if args.command == "diagnose":
+        from parley.observability import diagnose
+
+        return diagnose.main(args.rest, sys.stdin, sys.stdout)
+    if args.command == "slo":
+        from parley.observability.slo_rules import prometheus_rules
+
+        sys.stdout.write(prometheus_rules())
+        return 0
     if args.command == "serve":
         # Exported, so that every worker process reads the same settings.
         for name in ("host", "port", "workers"):
