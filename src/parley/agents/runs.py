@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -243,6 +244,8 @@ class RunManager:
         ctx = UserExecutionContext(user_id=local.user_id, thread_id=run.thread_id, run_id=run.id,
                                    request_id=submission.request_id, agent=run.agent, is_admin=submission.is_admin)
         state = _RunState(llm=MeteredLLM(self.llm, ctx, self.telemetry, self.prices))
+        # This task's own log context: every line it (or a tool) writes can be followed by run_id.
+        structlog.contextvars.bind_contextvars(**ctx.log_fields(), agent=ctx.agent)
         try:
             try:
                 if previous is not None:

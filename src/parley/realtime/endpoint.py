@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import structlog
 from starlette.websockets import WebSocket
 
 from parley.analytics.records import ConnectionRecord
@@ -87,6 +88,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     connection.user_id = principal.user_id
     await connection.accept(subprotocol)
     telemetry.ws_attempt("accepted")
+    # Bound for this connection's task (and the runs it starts): its log lines carry both ids.
+    structlog.contextvars.bind_contextvars(connection_id=connection.id, user_id=principal.user_id)
     hub.register(connection)
     session = ClientSession(connection, principal, services.realtime.session_services)
     opened = time.monotonic()
