@@ -130,11 +130,7 @@ class RunManager:
         The thread's ownership is enforced by the write itself (the event log updates the thread row only where
         it belongs to `user_id`): a thread that is not the user's is `ThreadGone`, a 404. Ends the caller's
         transaction before waiting for the event log, so no pooled connection is held idle."""
-        if len(content) > self.settings.max_message_chars:
-            raise InvalidRequest(details=[{"field": "content", "type": "too_long",
-                                           "message": f"at most {self.settings.max_message_chars} characters"}])
-        agent_name = agent or self.settings.default_agent
-        self.agents.get(agent_name, is_admin)
+        agent_name = self.validate(content, agent, is_admin)
         if client_message_id is not None:
             existing = await self._existing_submission(session, thread_id, user_id, client_message_id)
             if existing is not None:
@@ -178,6 +174,15 @@ class RunManager:
         run = Run(**run_row)
         return Submission(message=message_out, run=RunOut.of(run), created=True, user_id=user_id,
                           message_seq=stored[0].seq, request_id=request_id, is_admin=is_admin)
+
+    def validate(self, content: str, agent: str | None, is_admin: bool) -> str:
+        """Refuses a message that could never start a run; returns the agent it would use."""
+        if len(content) > self.settings.max_message_chars:
+            raise InvalidRequest(details=[{"field": "content", "type": "too_long",
+                                           "message": f"at most {self.settings.max_message_chars} characters"}])
+        agent_name = agent or self.settings.default_agent
+        self.agents.get(agent_name, is_admin)
+        return agent_name
 
     async def _existing_submission(self, session: AsyncSession, thread_id: str, user_id: str,
                                    client_message_id: str) -> Submission | None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from parley.clock import rfc3339
 from parley.storage.models import Run
+from parley.text import InputModel
 from parley.threads.schemas import MessageOut
 
 RunStatus = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
@@ -15,8 +16,7 @@ FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled", "interrupted"
 UNFINISHED_STATUSES = ("queued", "running")
 
 
-class PostMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PostMessage(InputModel):
     content: str = Field(min_length=1)
     agent: str | None = Field(default=None, max_length=64)
     on_busy: Literal["enqueue", "reject", "interrupt"] = "enqueue"

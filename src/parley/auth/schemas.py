@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, field_validator
+from pydantic import BaseModel, EmailStr, Field, field_validator
 
 from parley.clock import rfc3339
 from parley.storage.models import User
+from parley.text import InputModel
 
 
-class RegisterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RegisterRequest(InputModel):
     email: EmailStr = Field(max_length=320)
     password: str = Field(min_length=8, max_length=1024)
     display_name: str | None = Field(default=None, max_length=100)
@@ -22,8 +22,7 @@ class RegisterRequest(BaseModel):
         return value.strip().lower()
 
 
-class LoginRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LoginRequest(InputModel):
     email: str = Field(min_length=1, max_length=320)
     password: str = Field(min_length=1, max_length=1024)
 
@@ -33,8 +32,7 @@ class LoginRequest(BaseModel):
         return value.strip().lower()
 
 
-class RefreshRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RefreshRequest(InputModel):
     refresh_token: str = Field(min_length=1, max_length=512)
 
 

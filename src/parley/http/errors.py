@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
 from parley.errors import DatabaseUnavailable, ParleyError
-from parley.storage.database import is_database_unavailable
+from parley.storage.database import is_database_unavailable, is_invalid_data
 
 _STATUS_CODES = {
     400: "bad_request",
@@ -62,6 +62,8 @@ def response_for_unexpected(scope: Scope, exc: BaseException, retry_after_s: int
     if is_database_unavailable(exc):
         unavailable = DatabaseUnavailable(retry_after=retry_after_s)
         return response_for_parley_error(scope, unavailable)
+    if is_invalid_data(exc):
+        return error_response(scope, 422, "invalid_request", "The request holds a value that cannot be stored.")
     return error_response(scope, 500, "internal_error", "An internal error occurred; it has been logged.")
 
 

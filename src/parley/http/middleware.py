@@ -19,7 +19,7 @@ from parley.errors import PayloadTooLarge
 from parley.http.errors import error_response, response_for_unexpected
 from parley.ids import new_id
 from parley.observability.logging import describe, get_logger
-from parley.storage.database import is_database_unavailable
+from parley.storage.database import is_database_unavailable, is_invalid_data
 
 access_log = get_logger("parley.http")
 
@@ -115,6 +115,8 @@ class RequestContextMiddleware:
         context = {"method": scope.get("method"), "route": _route_template(scope), "user_id": state.get("user_id")}
         if is_database_unavailable(exc):  # an outage, not a bug: one line without a traceback per request
             access_log.warning("database_unavailable", reason=describe(exc), **context)
+        elif is_invalid_data(exc):  # the client's value, refused by the database: not our failure
+            access_log.info("invalid_data_refused", reason=describe(exc), **context)
         else:
             access_log.error("request_failed", exc_info=exc, **context)
         if response_started:

@@ -4,6 +4,8 @@ CONNECTING → OPEN → CLOSING → CLOSED. The state is checked and moved witho
 requested twice, or by both ends at once, sends at most one close frame, and never after the client's own
 close arrived. Only the writer task touches the socket's send side; producers append to a bounded queue,
 and a client too slow to drain it is disconnected (it resumes from the event log) instead of growing memory.
+A send that the server refuses (uvicorn already closed the socket) or that does not complete within
+`send_timeout_s` means the client is gone; `closed` lets the reader stop waiting for a client that never will.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from parley.observability.logging import get_logger
 
 log = get_logger("parley.ws")
+
+# What a send raises once the socket is gone: Starlette's disconnect, the transport's error, or (when uvicorn
+# closed the socket itself, e.g. a keepalive timeout) "Unexpected ASGI message ... after sending websocket.close".
+SOCKET_GONE: tuple[type[BaseException], ...] = (WebSocketDisconnect, OSError, RuntimeError)
+SEND_FAILED: tuple[type[BaseException], ...] = (*SOCKET_GONE, TimeoutError)
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -39,7 +46,7 @@ class ConnectionState(enum.Enum):
 
 class Connection:
     def __init__(self, websocket: WebSocket, connection_id: str, user_id: str, queue_max: int,
-                 on_closed: Callable[[Connection], None] | None = None) -> None:
+                 on_closed: Callable[[Connection], None] | None = None, send_timeout_s: float | None = None) -> None:
         self.websocket = websocket
         self.id = connection_id
         self.user_id = user_id
@@ -54,6 +61,9 @@ class Connection:
         self._room.set()
         self._writer: asyncio.Task[None] | None = None
         self._on_closed = on_closed
+        self.send_timeout_s = send_timeout_s
+        self._flush_on_close = False
+        self.closed = asyncio.Event()  # set once the connection is CLOSED, however that came about
         self.sent = 0
 
     # --- opening -------------------------------------------------------------------------------------------
@@ -106,13 +116,14 @@ class Connection:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                while self._queue and self.state is ConnectionState.OPEN:
+                while self._queue and (self.state is ConnectionState.OPEN or self._flushing()):
                     text = self._queue.popleft()
                     if len(self._queue) < self._queue_max:
                         self._room.set()
                     try:
-                        await self.websocket.send_text(text)
-                    except (WebSocketDisconnect, OSError):
+                        async with asyncio.timeout(self.send_timeout_s):
+                            await self.websocket.send_text(text)
+                    except SEND_FAILED:
                         self._client_gone(None)
                         return
                     self.sent += 1
@@ -125,8 +136,9 @@ class Connection:
             self._room.set()
 
     # --- closing -------------------------------------------------------------------------------------------
-    def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
-        """Asks for the connection to close with `code`; queued messages are dropped. Idempotent."""
+    def close(self, code: int = CLOSE_NORMAL, reason: str = "", flush: bool = False) -> None:
+        """Asks for the connection to close with `code`. Queued messages are dropped, or with `flush` sent
+        first (answers owed to what the client said before asking to go). Idempotent."""
         if self.state in (ConnectionState.CLOSING, ConnectionState.CLOSED):
             return
         if self.state is ConnectionState.CONNECTING:
@@ -134,8 +146,13 @@ class Connection:
             return
         self.state = ConnectionState.CLOSING
         self.close_code, self.close_reason, self.closed_by = code, reason, "server"
-        self._queue.clear()
+        self._flush_on_close = flush
+        if not flush:
+            self._queue.clear()
         self._wakeup.set()
+
+    def _flushing(self) -> bool:
+        return self.state is ConnectionState.CLOSING and self._flush_on_close
 
     def client_closed(self, code: int | None) -> None:
         """The reader saw the client's close (or the socket drop): nothing may be sent any more."""
@@ -150,8 +167,9 @@ class Connection:
 
     async def _send_close(self) -> None:
         # Only the writer gets here, once, in state CLOSING: the one place a close frame is ever sent.
-        with contextlib.suppress(WebSocketDisconnect, OSError):  # the client's close crossed ours: closed anyway
-            await self.websocket.close(code=self.close_code or CLOSE_NORMAL, reason=self.close_reason[:120])
+        with contextlib.suppress(*SEND_FAILED):  # the client's close crossed ours: closed anyway
+            async with asyncio.timeout(self.send_timeout_s):
+                await self.websocket.close(code=self.close_code or CLOSE_NORMAL, reason=self.close_reason[:120])
         self._finish(self.close_code, self.close_reason, "server")
 
     def _finish(self, code: int | None, reason: str, by: str) -> None:
@@ -162,6 +180,7 @@ class Connection:
         self._queue.clear()
         self._wakeup.set()
         self._room.set()
+        self.closed.set()
         if self._on_closed is not None:
             self._on_closed(self)
 
@@ -178,4 +197,6 @@ class Connection:
                 await asyncio.shield(self._writer)
         except TimeoutError:
             self._writer.cancel()
+        except Exception:  # the writer's own failure: the connection is over either way
+            log.exception("ws_writer_failed", connection_id=self.id, user_id=self.user_id)
         self._finish(self.close_code, self.close_reason, self.closed_by or "server")

@@ -6,6 +6,7 @@ through one `finally` that closes the feeds and the connection exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,9 +31,9 @@ from parley.realtime.connection import (
     ConnectionState,
 )
 from parley.realtime.events import EventType
-from parley.realtime.protocol import ProtocolError, parse_client_message
+from parley.realtime.protocol import ProtocolError, parse_client_message, request_id_of
 from parley.realtime.session import ClientSession
-from parley.storage.database import is_database_unavailable
+from parley.storage.database import is_database_unavailable, is_invalid_data
 
 log = get_logger("parley.ws")
 
@@ -63,8 +64,9 @@ async def _authenticate(websocket: WebSocket, services: AppServices) -> tuple[Pr
 async def websocket_endpoint(websocket: WebSocket) -> None:
     services = get_services(websocket)
     hub = services.realtime.hub
+    # A send stuck for two heartbeats means a client that stopped reading: it is let go, and resumes later.
     connection = Connection(websocket, new_id(), user_id="", queue_max=services.settings.ws_send_queue_max,
-                            on_closed=hub.unregister)
+                            on_closed=hub.unregister, send_timeout_s=services.settings.ws_heartbeat_s * 2)
     telemetry = services.telemetry
     if not hub.accepting:
         telemetry.ws_attempt("rejected_not_ready")
@@ -123,27 +125,39 @@ async def _read_loop(websocket: WebSocket, connection: Connection, session: Clie
     # Over the limit a message is answered with an error; at twice the limit the connection is closed.
     soft = SlidingWindowLimiter(per_minute, 60.0, max_keys=1)
     hard = SlidingWindowLimiter(per_minute * 2, 60.0, max_keys=1)
-    while connection.state is ConnectionState.OPEN:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            connection.client_closed(message.get("code"))
-            return
-        if connection.state is not ConnectionState.OPEN:
-            return  # closing: whatever the client still says is not answered
-        if hard.hit("messages") is not None:
-            connection.close(CLOSE_RATE_LIMITED, "too many messages")
-            return
-        if soft.hit("messages") is not None:
-            session.send_error("rate_limited", "Too many messages; slow down.")
-            continue
-        await _handle_frame(message, connection, session, router)
+    # Waiting for the client races the connection being let go (a send timed out): the reader then stops
+    # waiting for a client that will never speak again.
+    closed = asyncio.ensure_future(connection.closed.wait())
+    try:
+        while connection.state is ConnectionState.OPEN:
+            receiving = asyncio.ensure_future(websocket.receive())
+            await asyncio.wait((receiving, closed), return_when=asyncio.FIRST_COMPLETED)
+            if not receiving.done():
+                receiving.cancel()
+                return
+            message = receiving.result()
+            if message["type"] == "websocket.disconnect":
+                connection.client_closed(message.get("code"))
+                return
+            if connection.state is not ConnectionState.OPEN:
+                return  # closing: whatever the client still says is not answered
+            if hard.hit("messages") is not None:
+                connection.close(CLOSE_RATE_LIMITED, "too many messages")
+                return
+            if soft.hit("messages") is not None:
+                session.send_error("rate_limited", "Too many messages; slow down.", request_id_of(_frame(message)))
+                continue
+            await _handle_frame(_frame(message), connection, session, router)
+    finally:
+        closed.cancel()
 
 
-async def _handle_frame(message: Mapping[str, Any], connection: Connection, session: ClientSession,
-                        router: Any) -> None:
-    frame = message.get("text")
-    if frame is None:
-        frame = message.get("bytes") or b""
+def _frame(message: Mapping[str, Any]) -> str | bytes:
+    text = message.get("text")
+    return text if text is not None else (message.get("bytes") or b"")
+
+
+async def _handle_frame(frame: str | bytes, connection: Connection, session: ClientSession, router: Any) -> None:
     request_id: str | None = None
     try:
         parsed = parse_client_message(frame)
@@ -152,10 +166,13 @@ async def _handle_frame(message: Mapping[str, Any], connection: Connection, sess
     except ProtocolError as exc:
         session.send_error(exc.code, exc.message, exc.request_id)
     except ParleyError as exc:
-        session.send_error(exc.code, exc.message, request_id)
+        session.send_error(exc.code, exc.message, request_id, exc.details)
     except Exception as exc:  # one message failed; the connection lives on
         if is_database_unavailable(exc):
             session.send_error("database_unavailable", "The database is unavailable; retry shortly.", request_id)
+            return
+        if is_invalid_data(exc):
+            session.send_error("invalid_payload", "The message holds a value that cannot be stored.", request_id)
             return
         log.exception("ws_message_failed", connection_id=connection.id, user_id=connection.user_id)
         session.send_error("internal_error", "An internal error occurred; it has been logged.", request_id)

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from parley.observability.logging import describe, get_logger
 from parley.realtime.bus import EventBus, Subscription
 from parley.realtime.events import StoredEvent
+from parley.storage.database import is_database_unavailable
 
 log = get_logger("parley.feed")
 
@@ -33,13 +34,14 @@ class FeedState(enum.Enum):
 
 class ThreadFeed:
     def __init__(self, thread_id: str, after_seq: int, read: ReadEvents, live_sink: LiveSink,
-                 replay_sink: ReplaySink) -> None:
+                 replay_sink: ReplaySink, on_failure: Callable[[str], None] | None = None) -> None:
         self.thread_id = thread_id
         self.last_seq = after_seq
         self._high_water = after_seq
         self._read = read
         self._live_sink = live_sink
         self._replay_sink = replay_sink
+        self._on_failure = on_failure
         self.state = FeedState.REPLAYING
         self._subscription: Subscription | None = None
         self._replay: asyncio.Task[None] | None = None
@@ -81,8 +83,16 @@ class ThreadFeed:
         while self.state is FeedState.REPLAYING:
             try:
                 events = await self._read(self.thread_id, self.last_seq, REPLAY_PAGE)
-            except Exception as exc:  # the log is unreachable: keep trying while the receiver waits
-                log.warning("feed_replay_failed", thread_id=self.thread_id, reason=describe(exc))
+            except Exception as exc:
+                if not is_database_unavailable(exc):  # retrying cannot cure it: say so and stop
+                    log.error("feed_replay_failed", thread_id=self.thread_id, reason=describe(exc))
+                    self.close()
+                    if self._on_failure is not None:
+                        self._on_failure(self.thread_id)
+                    return
+                # The log is unreachable: keep trying while the receiver waits, saying so once.
+                if delay == 0.1:
+                    log.warning("feed_replay_waiting", thread_id=self.thread_id, reason=describe(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue

@@ -14,7 +14,11 @@ from typing import Any, Generic, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from parley.text import InputModel
+
 Payload = TypeVar("Payload", bound=BaseModel)
+
+MAX_SEQ = 2**31 - 1  # the event log's seq column is a 32-bit integer
 
 
 class ClientMessageType(enum.StrEnum):
@@ -27,7 +31,7 @@ class ClientMessageType(enum.StrEnum):
     DISCONNECT = "disconnect"
 
 
-class _Payload(BaseModel):
+class _Payload(InputModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -59,7 +63,7 @@ class StopAgentPayload(_Payload):
 
 class SubscribePayload(_Payload):
     thread_id: str = Field(min_length=1, max_length=64)
-    after_seq: int = Field(default=0, ge=0)
+    after_seq: int = Field(default=0, ge=0, le=MAX_SEQ)
 
 
 class UnsubscribePayload(_Payload):
@@ -96,6 +100,16 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
+
+
+def request_id_of(text: str | bytes) -> str | None:
+    """The `id` of a frame if it has a usable one (to echo in an error about the frame as a whole)."""
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    request_id = raw.get("id") if isinstance(raw, dict) else None
+    return request_id if isinstance(request_id, str) and 0 < len(request_id) <= 128 else None
 
 
 def parse_client_message(text: str | bytes) -> ClientMessage[Any]:

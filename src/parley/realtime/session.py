@@ -44,6 +44,11 @@ MAX_SUBSCRIPTIONS = 100
 TITLE_FROM_CONTENT = 60
 
 
+class TooManySubscriptions(ParleyError):
+    code = "too_many_subscriptions"
+    message = f"At most {MAX_SUBSCRIPTIONS} threads per connection; unsubscribe from one first."
+
+
 @dataclass(frozen=True)
 class SessionServices:
     database: Database
@@ -64,8 +69,12 @@ class ClientSession:
              thread_id: str | None = None) -> None:
         self.connection.send(envelope(type_, payload, request_id=request_id, thread_id=thread_id, ts=utcnow()))
 
-    def send_error(self, code: str, message: str, request_id: str | None = None) -> None:
-        self.send(EventType.ERROR, {"code": code, "message": message}, request_id)
+    def send_error(self, code: str, message: str, request_id: str | None = None,
+                   details: list[dict[str, Any]] | None = None) -> None:
+        payload: dict[str, Any] = {"code": code, "message": message}
+        if details:
+            payload["details"] = details
+        self.send(EventType.ERROR, payload, request_id)
 
     # --- subscriptions -------------------------------------------------------------------------------------
     async def subscribe(self, thread_id: str, after_seq: int) -> None:
@@ -73,10 +82,17 @@ class ClientSession:
         if old is not None:
             old.close()
         if len(self.feeds) >= MAX_SUBSCRIPTIONS:
-            raise ParleyError(f"At most {MAX_SUBSCRIPTIONS} threads per connection.", code="too_many_subscriptions")
-        feed = ThreadFeed(thread_id, after_seq, self._read_events, self._send_live, self._send_replayed)
+            raise TooManySubscriptions()
+        feed = ThreadFeed(thread_id, after_seq, self._read_events, self._send_live, self._send_replayed,
+                          on_failure=self._feed_failed)
         self.feeds[thread_id] = feed
         await feed.start(self.services.bus)
+
+    def _feed_failed(self, thread_id: str) -> None:
+        self.feeds.pop(thread_id, None)
+        self.send(EventType.ERROR, {"code": "subscription_failed",
+                                    "message": "The thread's events could not be read; subscribe again."},
+                  thread_id=thread_id)
 
     def _send_live(self, event: StoredEvent) -> bool:
         sent = self.connection.send(event.wire)
@@ -113,6 +129,10 @@ class ClientSession:
     async def _converse(self, request_id: str | None, thread_id: str | None, content: str, agent: str | None,
                         on_busy: str, client_message_id: str | None) -> None:
         user_id = self.principal.user_id
+        # Everything that can refuse the message is checked before anything (a new thread) is made.
+        if thread_id not in self.feeds and len(self.feeds) >= MAX_SUBSCRIPTIONS:
+            raise TooManySubscriptions()
+        self.services.runs.validate(content, agent, self.principal.is_admin)
         async with self.services.database.session() as session:
             if thread_id is None:
                 thread = await ThreadRepository(session).create(user_id, _title_from(content), None)
@@ -164,7 +184,8 @@ class ClientSession:
         self.send(EventType.ACK, {"thread_id": message.payload.thread_id}, message.id)
 
     async def on_disconnect(self, message: ClientMessage[Any]) -> None:
-        self.connection.close(CLOSE_NORMAL, "bye")
+        # Answers to what the client said before `disconnect` still go out, then the close; nothing after.
+        self.connection.close(CLOSE_NORMAL, "bye", flush=True)
 
 
 def _title_from(content: str) -> str:

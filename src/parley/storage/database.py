@@ -43,6 +43,12 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def is_invalid_data(exc: BaseException) -> bool:
+    """True when the database refused a value itself (SQLSTATE class 22: a NUL byte, an out-of-range number):
+    the client's input, so a 422, never a 500."""
+    return isinstance(exc, DBAPIError) and (_sqlstate(exc) or "").startswith("22")
+
+
 def _sqlstate(exc: DBAPIError) -> str | None:
     for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
         code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)

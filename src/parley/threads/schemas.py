@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from parley.clock import rfc3339
 from parley.errors import InvalidRequest
 from parley.storage.models import Message, Thread
+from parley.text import InputModel
 
 MAX_TITLE = 200
 
@@ -21,8 +22,7 @@ def check_metadata_size(value: dict[str, Any] | None, limit: int) -> None:
                                        "message": f"metadata is larger than {limit} bytes as JSON"}])
 
 
-class ThreadCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ThreadCreate(InputModel):
     title: str | None = Field(default=None, max_length=MAX_TITLE)
     metadata: dict[str, Any] | None = None
 
