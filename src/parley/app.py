@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from parley import __version__
 from parley.agents.assistant import Assistant
 from parley.agents.base import Agent, AgentRegistry
+from parley.agents.ops import OpsAgent
 from parley.agents.routes import router as runs_router
 from parley.agents.runs import RunManager
 from parley.analytics.clickhouse import ClickHouseStore
@@ -47,6 +49,7 @@ from parley.llm.builtin import BuiltinProvider
 from parley.llm.component import LLMComponent
 from parley.llm.openai_provider import OpenAIProvider
 from parley.observability.alerts import AlertManager
+from parley.observability.diagnose import RecentErrors
 from parley.observability.logging import get_logger
 from parley.observability.metrics import Metrics
 from parley.observability.routes import router as observability_router
@@ -65,6 +68,7 @@ from parley.storage.database import Database
 from parley.threads.routes import router as threads_router
 from parley.tools.base import Tool, ToolRegistry
 from parley.tools.builtin import CalculatorTool, CurrentTimeTool, SearchThreadsTool
+from parley.tools.ops import ErrorPatternsTool, HealthReportTool, SLOStatusTool
 from parley.tools.usage import UsageReportTool
 
 log = get_logger("parley.app")
@@ -130,9 +134,10 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
                          queue_max=settings.event_log_queue_max,
                          on_stored=lambda count: telemetry.run_events("stored", count))
     llm = build_llm(settings)
+    recent_errors = RecentErrors(settings.recent_errors_max)
     tools = ToolRegistry([SearchThreadsTool(database), CurrentTimeTool(), CalculatorTool(), UsageReportTool(usage),
-                          *extra_tools])
-    agents = AgentRegistry([Assistant(), *extra_agents])
+                          SLOStatusTool(slos, alerts), ErrorPatternsTool(recent_errors), *extra_tools])
+    agents = AgentRegistry([Assistant(), OpsAgent(), *extra_agents])
     runs = RunManager(settings, database, event_log, bus, agents, tools, llm, worker_id=new_id(),
                       telemetry=telemetry, prices=prices)
     hub = ConnectionHub(settings.ws_max_connections_per_user)
@@ -145,10 +150,11 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
     components: list[Component] = [DatabaseComponent(database, settings), bus, analytics, alerts, LLMComponent(llm),
                                    bridge]
     lifecycle = Lifecycle(components, on_fatal=on_fatal)
+    tools.add(HealthReportTool(lifecycle))  # the one tool that needs the finished lifecycle
     return AppServices(settings=settings, database=database, lifecycle=lifecycle, auth=auth,
                        rate_limits=rate_limits, agents=agents, tools=tools, runs=runs, realtime=realtime,
                        bridge=bridge, analytics=analytics, usage=usage, telemetry=telemetry, slos=slos,
-                       alerts=alerts)
+                       alerts=alerts, recent_errors=recent_errors)
 
 
 def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None] | None = None, *,
@@ -158,11 +164,14 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        # This app's recent WARNING/ERROR events, for /api/admin/errors and the ops agent.
+        logging.getLogger().addHandler(services.recent_errors)
         boot = asyncio.create_task(services.lifecycle.start(), name="parley-boot")
         restore_signals = _drain_on_sigterm(services)
         try:
             yield {SERVICES_STATE_KEY: services}
         finally:
+            logging.getLogger().removeHandler(services.recent_errors)
             restore_signals()
             services.lifecycle.begin_drain()
             boot.cancel()

@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # These two read no configuration: they work on any machine, against any log or Prometheus.
     if args.command == "diagnose":
-        from parley.observability import diagnose
+        from parley.observability.diagnose import main as diagnose
 
-        return diagnose.main(args.rest, sys.stdin, sys.stdout)
+        return diagnose(args.rest, sys.stdin, sys.stdout)
     if args.command == "slo":
         from parley.observability.slo_rules import prometheus_rules
 

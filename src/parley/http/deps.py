@@ -24,6 +24,7 @@ from parley.auth.tokens import Principal
 from parley.errors import NotFound, ServiceUnavailable, Unauthorized
 from parley.health.components import Lifecycle
 from parley.observability.alerts import AlertManager
+from parley.observability.diagnose import RecentErrors
 from parley.observability.slo import SLOTracker
 from parley.observability.telemetry import Telemetry
 from parley.realtime.component import AgentBridge, RealtimeServices
@@ -58,6 +59,7 @@ class AppServices:
     telemetry: Telemetry
     slos: SLOTracker
     alerts: AlertManager
+    recent_errors: RecentErrors
 
 
 def get_services(connection: HTTPConnection) -> AppServices:

@@ -41,14 +41,17 @@ def _spec_of(_cls: type, name: str, description: str) -> ToolSpec:
 
 
 class ToolRegistry:
-    """Every tool the process knows, by name. App-scoped and immutable after construction."""
+    """Every tool the process knows, by name. App-scoped; filled while the app is built, then only read."""
 
     def __init__(self, tools: Iterable[Tool]) -> None:
         self._tools: dict[str, Tool] = {}
         for tool in tools:
-            if tool.name in self._tools:
-                raise ValueError(f"two tools are named {tool.name!r}")
-            self._tools[tool.name] = tool
+            self.add(tool)
+
+    def add(self, tool: Tool) -> None:
+        if tool.name in self._tools:
+            raise ValueError(f"two tools are named {tool.name!r}")
+        self._tools[tool.name] = tool
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools
