@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
 # Installs parley with its test extra into .venv and runs the whole suite against SQLite, then PostgreSQL.
-# Needs PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres) and Redis on 127.0.0.1:6379.
+# Needs PostgreSQL on 127.0.0.1:5432 (trust auth, user postgres), Redis on 127.0.0.1:6379, and Debian's
+# chromium (installed here with apt-get when missing and run as root).
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -k threads`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The browser tests drive Debian's Chromium (never a downloaded browser).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "the browser tests need Chromium: sudo apt-get install -y chromium" >&2
+    exit 1
+  fi
+fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip

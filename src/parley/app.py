@@ -70,6 +70,8 @@ from parley.tools.base import Tool, ToolRegistry
 from parley.tools.builtin import CalculatorTool, CurrentTimeTool, SearchThreadsTool
 from parley.tools.ops import ErrorPatternsTool, HealthReportTool, SLOStatusTool
 from parley.tools.usage import UsageReportTool
+from parley.web.routes import router as web_router
+from parley.web.routes import static_files
 
 log = get_logger("parley.app")
 
@@ -196,6 +198,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(realtime_router)
     app.include_router(usage_router)
     app.include_router(observability_router)
+    app.include_router(web_router)
+    app.mount("/static", static_files(), name="static")
     app.add_api_websocket_route("/ws", websocket_endpoint)
 
     # Added innermost first: the security headers wrap everything, including the last-resort error answer.

@@ -7,7 +7,10 @@ which takes tens of milliseconds instead of a full migration.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 import uuid
 from pathlib import Path
 
@@ -17,7 +20,16 @@ from parley.settings import Settings
 from parley.storage.database import Database
 from parley.storage.migrate import upgrade
 
+T = TypeVar("T")
+
 PG_ADMIN_DSN = os.environ.get("PARLEY_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on a thread of its own: works even where the caller's thread has a running loop
+    (Playwright's sync API keeps one)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def backend() -> str:
@@ -48,7 +60,7 @@ class PostgresDatabases:
         self.created: list[str] = []
 
     def setup_template(self) -> None:
-        asyncio.run(self._setup_template())
+        run_async(self._setup_template())
 
     async def _setup_template(self) -> None:
         await _admin(f'CREATE DATABASE "{self.template}"')
@@ -61,17 +73,17 @@ class PostgresDatabases:
     def new(self, migrated: bool = True) -> str:
         name = f"parley_t_{uuid.uuid4().hex[:12]}"
         template = f' TEMPLATE "{self.template}"' if migrated else ""
-        asyncio.run(_admin(f'CREATE DATABASE "{name}"{template}'))
+        run_async(_admin(f'CREATE DATABASE "{name}"{template}'))
         self.created.append(name)
         return _pg_url(name)
 
     def drop(self, url: str) -> None:
         name = url.rsplit("/", 1)[1]
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        run_async(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
     def teardown(self) -> None:
         for name in [*self.created, self.template]:
-            asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            run_async(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def sqlite_url(directory: Path) -> str:

@@ -39,6 +39,7 @@ class ThreadOut(BaseModel):
     message_count: int
     last_message_at: str | None
     metadata: dict[str, Any]
+    last_seq: int  # the thread's newest event: subscribe with after_seq=last_seq to follow it from now
 
     @classmethod
     def of(cls, thread: Thread) -> ThreadOut:
@@ -46,7 +47,7 @@ class ThreadOut(BaseModel):
             id=thread.id, title=thread.title, created_at=rfc3339(thread.created_at),
             updated_at=rfc3339(thread.updated_at), message_count=thread.message_count,
             last_message_at=rfc3339(thread.last_message_at) if thread.last_message_at else None,
-            metadata=thread.meta,
+            metadata=thread.meta, last_seq=thread.last_seq,
         )
 
 
