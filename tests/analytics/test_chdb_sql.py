@@ -115,7 +115,7 @@ def test_every_record_kind_lands_in_its_table(store: ClickHouseStore) -> None:
         ConnectionRecord(now, "c", "u", 1000.0, 1000, "client"),
         RequestRecord(now, "GET", "/api/threads", 200, 3.2, "u"),
     ]
-    assert store.insert(records) == 5
+    assert sum(store.insert(record.table, [record]) for record in records) == 5
     for record in records:
         rows = store.query(f"SELECT toString(ts) AS ts FROM {store.database}.{record.table}")
         assert rows == [{"ts": "2026-11-29 13:37:27.123"}]

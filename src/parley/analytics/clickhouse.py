@@ -7,7 +7,6 @@ All methods are blocking; the sink calls them on a thread of its own, never on t
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,12 +76,9 @@ class ClickHouseStore:
                 log.info("analytics_ttl_changed", table=row["name"], ttl_days=self.ttl_days)
 
     # --- data ----------------------------------------------------------------------------------------------
-    def insert(self, records: Sequence[Record]) -> int:
-        by_table: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for record in records:
-            by_table[record.table].append(record.row())
-        for table, rows in by_table.items():
-            self.insert_rows(table, rows)
+    def insert(self, table: str, records: Sequence[Record]) -> int:
+        """Inserts records of one table in one statement (all or none of them)."""
+        self.insert_rows(table, [record.row() for record in records])
         return len(records)
 
     def insert_rows(self, table: str, rows: list[dict[str, Any]]) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from parley.analytics.clickhouse import ClickHouseStore
 from parley.analytics.records import Record
-from parley.health.components import ComponentHealth
+from parley.health.components import ComponentHealth, public_reason
 from parley.observability.logging import describe, get_logger
 
 log = get_logger("parley.analytics")
@@ -79,7 +79,7 @@ class ClickHouseSink:
 
     def __init__(self, store: ClickHouseStore, *, queue_max: int, batch_max: int, flush_interval_s: float,
                  retry_max_s: float, shutdown_flush_s: float, clock: Callable[[], float] = time.monotonic,
-                 on_drop: Callable[[], None] | None = None) -> None:
+                 on_drop: Callable[[], None] | None = None, query_timeout_s: float = 1.5) -> None:
         self.store = store
         self.backend = store.backend
         self.queue_max = queue_max
@@ -93,12 +93,18 @@ class ClickHouseSink:
         self._pending: list[Record] = []  # taken from the queue, not yet written
         self._full = asyncio.Event()  # the queue holds a whole batch
         self._flushed = asyncio.Event()  # everything recorded so far is written
+        self.query_timeout_s = query_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-analytics")
+        # A server is read on a thread of its own, so a slow insert cannot hold up the usage API; chDB is one
+        # engine in this process, so its reads share the writer's thread (and give up after the timeout).
+        self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parley-analytics-read") \
+            if self.backend == "clickhouse" else self._executor
         self._writer: asyncio.Task[None] | None = None
         self._ready = False
         self._stopping = False
         self.failing_since: float | None = None
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # for the logs; may name the server
+        self.public_error: str | None = None  # for /health, which anyone may read
         self.dropped = 0
         self.written = 0
 
@@ -125,8 +131,10 @@ class ClickHouseSink:
     async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         if not self._ready:
             raise AnalyticsUnavailable(self.last_error or "analytics is not connected yet")
+        loop = asyncio.get_running_loop()
         try:
-            return await self._call(self.store.query, sql, parameters)
+            async with asyncio.timeout(self.query_timeout_s):  # a slow ClickHouse: answer from elsewhere
+                return await loop.run_in_executor(self._reader, self.store.query, sql, parameters)
         except Exception as exc:
             raise AnalyticsUnavailable(describe(exc)) from exc
 
@@ -154,22 +162,25 @@ class ClickHouseSink:
         if self.queued:
             log.warning("analytics_rows_lost_at_shutdown", rows=self.queued, reason=self.last_error or "deadline")
         with contextlib.suppress(Exception):
-            await self._call(self.store.close)
+            async with asyncio.timeout(0.5):  # behind a slow insert it may never get its turn: the deadline holds
+                await self._call(self.store.close)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._reader.shutdown(wait=False, cancel_futures=True)
 
     async def check(self) -> ComponentHealth:
         counts = f"{self.written} rows written, {self.queued} queued, {self.dropped} dropped"
         if self.failing_since is not None:
             outage = self._clock() - self.failing_since
-            return ComponentHealth("degraded", detail=f"{self.backend} unreachable for {outage:.0f} s "
-                                   f"({self.last_error}); retrying; {counts}")
+            return ComponentHealth("degraded", detail=f"{self.backend} {self.public_error} for {outage:.0f} s; "
+                                   f"retrying; {counts}")
         if not self._ready:
             return ComponentHealth("starting", detail=f"connecting to {self.backend}; {counts}")
         try:
             async with asyncio.timeout(1.5):
                 latency = await self._call(self.store.ping)
         except Exception as exc:
-            return ComponentHealth("degraded", detail=f"{self.backend} not answering ({describe(exc)}); {counts}")
+            return ComponentHealth("degraded", detail=f"{self.backend} not answering ({public_reason(exc)}); "
+                                   f"{counts}")
         return ComponentHealth("healthy", latency_ms=latency, detail=f"{self.backend}: {counts}")
 
     # --- the writer ----------------------------------------------------------------------------------------
@@ -184,11 +195,9 @@ class ClickHouseSink:
                 if not self._pending:
                     await self._wait_for_records()
                     self._pending = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
-                if self._pending:
-                    self.written += await self._call(self.store.insert, self._pending)
-                    self._pending = []
-                    if not self._queue:
-                        self._flushed.set()
+                await self._write_pending()
+                if not self._pending and not self._queue:
+                    self._flushed.set()
             except Exception as exc:  # ClickHouse is down or refusing: keep the batch, back off, retry
                 self._failed(exc)
                 await asyncio.sleep(delay)
@@ -200,6 +209,15 @@ class ClickHouseSink:
                 self.failing_since = None
             delay = 0.2
 
+    async def _write_pending(self) -> None:
+        """Writes the batch one table at a time, forgetting each table's records once they are in: a retry
+        after a failure in the middle never writes a table twice."""
+        while self._pending:
+            table = self._pending[0].table
+            rows = [record for record in self._pending if record.table == table]
+            self.written += await self._call(self.store.insert, table, rows)
+            self._pending = [record for record in self._pending if record.table != table]
+
     async def _wait_for_records(self) -> None:
         if self._queue and (len(self._queue) >= self.batch_max or self._stopping):
             return
@@ -210,7 +228,8 @@ class ClickHouseSink:
                 await self._full.wait()
 
     def _failed(self, exc: Exception) -> None:
-        self.last_error = describe(exc)[:200]
+        self.last_error = describe(exc)[:500]
+        self.public_error = public_reason(exc)
         if self.failing_since is None:
             self.failing_since = self._clock()
             log.warning("analytics_write_failed", backend=self.backend, reason=self.last_error,

@@ -181,8 +181,9 @@ class Lifecycle:
 
 def public_reason(exc: BaseException) -> str:
     """What an unauthenticated health probe may learn: the kind of failure, no hosts, names or messages."""
-    if isinstance(exc, TimeoutError):
+    text = f"{type(exc).__name__} {exc}".lower()
+    if isinstance(exc, TimeoutError) or "timed out" in text or "timeout" in text:
         return "timed out"
-    if isinstance(exc, OSError) or "connect" in type(exc).__name__.lower():
+    if isinstance(exc, OSError) or any(word in text for word in ("connect", "refused", "unreachable")):
         return "unreachable"
     return "failing (see logs)"

@@ -63,6 +63,9 @@ def configure_logging(settings: Settings, stream: Any = None) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Their per-retry lines (with the server's URL) would repeat what parley says once per outage.
+    logging.getLogger("clickhouse_connect").setLevel(logging.ERROR)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
