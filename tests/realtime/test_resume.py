@@ -21,6 +21,14 @@ def settings(make_settings: SettingsFactory) -> Settings:
     return make_settings(builtin_token_delay_s=0.05)  # long enough to drop mid-run
 
 
+def slow_server_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `parley serve` process whose runs stream slowly enough to be interrupted."""
+    return {"PARLEY_ENV": "test", "PARLEY_DATABASE_URL": settings.effective_database_url,
+            "PARLEY_DATA_DIR": str(settings.data_dir), "PARLEY_JWT_SECRET": TEST_JWT_SECRET,
+            "PARLEY_LOG_FORMAT": "json", "PARLEY_BUILTIN_TOKEN_DELAY_S": "0.5", "PARLEY_AUTO_MIGRATE": "true",
+            "PARLEY_PASSWORD_HASH_MEMORY_KIB": "1024", "PARLEY_ANALYTICS": "off", **extra}
+
+
 def full_log(ws_url: str, account: Any, thread_id: str, last_type: set[str] = TERMINAL) -> list[dict[str, Any]]:
     with Chat(ws_url, account) as chat:
         chat.send("subscribe", {"thread_id": thread_id, "after_seq": 0})
@@ -73,10 +81,7 @@ def test_resume_while_the_run_is_still_appending_has_no_gap_or_duplicate(live_se
 
 
 def test_server_restart_mid_run_interrupts_it_and_its_events_replay(settings: Settings, tmp_path: Path) -> None:
-    env = {"PARLEY_ENV": "test", "PARLEY_DATABASE_URL": settings.effective_database_url,
-           "PARLEY_DATA_DIR": str(settings.data_dir), "PARLEY_JWT_SECRET": TEST_JWT_SECRET,
-           "PARLEY_LOG_FORMAT": "json", "PARLEY_BUILTIN_TOKEN_DELAY_S": "0.5", "PARLEY_RUN_LEASE_S": "1",
-           "PARLEY_AUTO_MIGRATE": "true", "PARLEY_PASSWORD_HASH_MEMORY_KIB": "1024"}
+    env = slow_server_env(settings, PARLEY_RUN_LEASE_S="1")
     server = ServerProcess(env, tmp_path / "first.log").start()
     with httpx.Client(base_url=server.url) as client:
         account = register(client)
@@ -108,10 +113,7 @@ def test_server_restart_mid_run_interrupts_it_and_its_events_replay(settings: Se
 
 def test_graceful_shutdown_interrupts_running_runs_with_their_terminal_event(settings: Settings,
                                                                              tmp_path: Path) -> None:
-    env = {"PARLEY_ENV": "test", "PARLEY_DATABASE_URL": settings.effective_database_url,
-           "PARLEY_DATA_DIR": str(settings.data_dir), "PARLEY_JWT_SECRET": TEST_JWT_SECRET,
-           "PARLEY_LOG_FORMAT": "json", "PARLEY_BUILTIN_TOKEN_DELAY_S": "0.5", "PARLEY_AUTO_MIGRATE": "true",
-           "PARLEY_PASSWORD_HASH_MEMORY_KIB": "1024"}
+    env = slow_server_env(settings)
     server = ServerProcess(env, tmp_path / "serve.log").start()
     with httpx.Client(base_url=server.url) as client:
         account = register(client)

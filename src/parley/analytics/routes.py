@@ -18,18 +18,8 @@ router = APIRouter(tags=["usage"])
 MAX_WINDOW = timedelta(days=366)
 
 
-class UsageItemOut(BaseModel):
-    key: str
-    runs: int
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    latency_ms_p50: float | None
-    latency_ms_p95: float | None
-
-
 class UsageOut(BaseModel):
-    items: list[UsageItemOut]
+    items: list[UsageItem]
     source: str
     since: datetime
     until: datetime
@@ -53,8 +43,7 @@ def _aware(moment: datetime) -> datetime:
 
 
 def _out(items: list[UsageItem], source: str, since: datetime, until: datetime, group_by: str) -> UsageOut:
-    return UsageOut(items=[UsageItemOut.model_validate(item, from_attributes=True) for item in items],
-                    source=source, since=since, until=until, group_by=group_by)
+    return UsageOut(items=items, source=source, since=since, until=until, group_by=group_by)
 
 
 @router.get("/api/usage")
