@@ -1,5 +1,5 @@
-"""Runs: accepting a message (with idempotency and the thread's busy policy), executing the agent, ending
-every run with exactly one terminal event, and never leaving a run `running` after its process is gone.
+"""Runs: accepting a message (with idempotency and the thread's busy policy), executing the agent, and ending
+every run with exactly one terminal event (leases.py ends the runs of processes that died).
 
 Each run executes in its own task with a fresh `UserExecutionContext` and `ToolDispatcher`. Runs of one user
 share `max_concurrent_runs_per_user` slots (extra runs wait); runs of one thread execute in order. A process
@@ -16,9 +16,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.agents.base import (
     Agent,
@@ -31,6 +31,7 @@ from parley.agents.base import (
     ToolStarted,
 )
 from parley.agents.context import UserExecutionContext
+from parley.agents.leases import INTERRUPTED_MESSAGE, RunLeases, started_event
 from parley.agents.schemas import FINISHED_STATUSES, UNFINISHED_STATUSES, RunOut
 from parley.analytics.metered import MeteredLLM
 from parley.analytics.pricing import PriceTable
@@ -39,13 +40,13 @@ from parley.clock import rfc3339, utcnow
 from parley.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from parley.ids import new_id
 from parley.llm.base import ChatMessage, LLMError, LLMProvider, Usage
-from parley.observability.logging import describe, get_logger
+from parley.observability.logging import get_logger
 from parley.realtime.bus import EventBus
 from parley.realtime.event_log import EventLog, RunChange, WriteRequest
 from parley.realtime.events import EventType, NewEvent
 from parley.settings import Settings
 from parley.storage.database import Database
-from parley.storage.models import Message, Run, RunEvent
+from parley.storage.models import Message, Run
 from parley.threads.repository import MessageRepository
 from parley.threads.schemas import MessageOut
 from parley.tools.base import ToolRegistry
@@ -54,7 +55,6 @@ from parley.tools.dispatcher import ToolDispatcher
 log = get_logger("parley.runs")
 
 HISTORY_MESSAGES = 40
-INTERRUPTED_MESSAGE = "The server stopped while this run was in progress."
 
 
 class RunInProgress(Conflict):
@@ -118,7 +118,7 @@ class RunManager:
         self._local: dict[str, _LocalRun] = {}
         self._thread_tail: dict[str, asyncio.Future[None]] = {}
         self._user_slots: dict[str, asyncio.Semaphore] = {}
-        self._maintenance: asyncio.Task[None] | None = None
+        self.leases = RunLeases(settings, database, event_log, local_runs=lambda: self._local.keys())
         self._stopping = False
 
     # --- accepting work ------------------------------------------------------------------------------------
@@ -355,11 +355,9 @@ class RunManager:
     def _event(ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any]) -> NewEvent:
         return NewEvent(ctx.thread_id, ctx.run_id, type_, payload)
 
-    def _started_event(self, ctx: UserExecutionContext, started: bool) -> list[NewEvent]:
-        """A run that ends before it started still opens with `agent_started`, so every run's events pair."""
-        if started:
-            return []
-        return [self._event(ctx, EventType.AGENT_STARTED, {"agent": ctx.agent, "input_message_id": None})]
+    @staticmethod
+    def _started_event(ctx: UserExecutionContext, started: bool) -> list[NewEvent]:
+        return [] if started else [started_event(ctx.thread_id, ctx.run_id, ctx.agent)]
 
     async def _finish(self, ctx: UserExecutionContext, state: _RunState, terminal: NewEvent, status: str,
                       changes: dict[str, Any], messages: Sequence[dict[str, Any]] = ()) -> None:
@@ -405,21 +403,16 @@ class RunManager:
         cancelled = self._event(ctx, EventType.AGENT_CANCELLED, {"reason": local.cancel_reason or "cancelled"})
         await self._finish(ctx, state, cancelled, "cancelled", {})
 
-    # --- leases and the sweeper ----------------------------------------------------------------------------
+    # --- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._stopping = False
         self.bus.on_control(self._on_control)
-        # The embedded database serves one process, so at start every unfinished run is an orphan.
-        await self.sweep(everything=self.database.dialect == "sqlite")
-        self._maintenance = asyncio.create_task(self._maintain(), name="parley-run-leases")
+        await self.leases.start()
 
     async def stop(self, deadline_s: float) -> None:
         """Interrupts this process's runs, each ending with its terminal event, within the deadline."""
         self._stopping = True
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+        await self.leases.stop()
         locals_ = list(self._local.values())
         for local in locals_:
             self._cancel_local(local.run_id, "server shutting down", interrupted=True)
@@ -430,71 +423,6 @@ class RunManager:
     @property
     def active_runs(self) -> int:
         return len(self._local)
-
-    async def _maintain(self) -> None:
-        interval = self.settings.run_lease_s / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self._renew_leases()
-                await self.sweep()
-            except Exception as exc:  # the database may be down; try again next round
-                log.warning("run_maintenance_failed", reason=describe(exc))
-
-    async def _renew_leases(self) -> None:
-        if not self._local:
-            return
-        until = utcnow() + timedelta(seconds=self.settings.run_lease_s)
-        async with self.database.session() as session:
-            await session.execute(
-                update(Run).where(Run.id.in_(list(self._local)), Run.status.in_(UNFINISHED_STATUSES))
-                .values(lease_until=until)
-            )
-            await session.commit()
-
-    async def sweep(self, everything: bool = False) -> int:
-        """Interrupts unfinished runs whose process is gone; returns how many it ended."""
-        now = utcnow()
-        async with self.database.session() as session:
-            query = select(Run.id, Run.thread_id, Run.agent, Run.lease_until).where(
-                Run.status.in_(UNFINISHED_STATUSES))
-            if self._local:
-                query = query.where(Run.id.not_in(list(self._local)))
-            if not everything:
-                query = query.where(Run.lease_until < now)
-            orphans = (await session.execute(query.limit(500))).all()
-            started = set(await session.scalars(
-                select(func.distinct(RunEvent.run_id)).where(RunEvent.run_id.in_([o.id for o in orphans]),
-                                                             RunEvent.type == EventType.AGENT_STARTED.value)
-            )) if orphans else set()
-        ended = 0
-        for run_id, thread_id, agent, lease_until in orphans:
-            ctx = UserExecutionContext(user_id="", thread_id=thread_id, run_id=run_id, request_id="", agent=agent)
-            error = self._event(ctx, EventType.AGENT_ERROR,
-                                {"error": {"code": "interrupted", "message": INTERRUPTED_MESSAGE}})
-            request = WriteRequest(
-                events=[*self._started_event(ctx, run_id in started), error],
-                run_changes=[RunChange(run_id, {"status": "interrupted", "finished_at": now,
-                                                "error_code": "interrupted", "error_message": INTERRUPTED_MESSAGE,
-                                                "lease_until": None})])
-            if await self.event_log.write_guarded(request, _still_orphaned(run_id, None if everything else now)):
-                ended += 1
-                log.info("run_interrupted", run_id=run_id, thread_id=thread_id,
-                         lease_until=rfc3339(lease_until) if lease_until else None)
-        return ended
-
-
-def _still_orphaned(run_id: str, lapsed_before: datetime | None) -> Any:
-    """A guard run inside the sweep's transaction: claims the run only if no one finished or renewed it."""
-
-    async def guard(connection: AsyncConnection) -> bool:
-        statement = update(Run).where(Run.id == run_id, Run.status.in_(UNFINISHED_STATUSES))
-        if lapsed_before is not None:
-            statement = statement.where(Run.lease_until < lapsed_before)
-        result = await connection.execute(statement.values(status="interrupted"))
-        return bool(result.rowcount)
-
-    return guard
 
 
 def _message_out(row: dict[str, Any]) -> MessageOut:
