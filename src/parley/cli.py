@@ -49,12 +49,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    # These two read no configuration: they work on any machine, against any log or Prometheus.
-    if args.command == "diagnose":
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # diagnose and slo read no configuration: they work on any machine, against any log or Prometheus.
+    if arguments[:1] == ["diagnose"]:  # its own parser takes its options, wherever they stand
         from parley.observability.diagnose import main as diagnose
 
-        return diagnose(args.rest, sys.stdin, sys.stdout)
+        return diagnose(arguments[1:], sys.stdin, sys.stdout)
+    args = _parser().parse_args(arguments)
     if args.command == "slo":
         from parley.observability.slo_rules import prometheus_rules
 
