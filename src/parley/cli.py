@@ -76,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from parley.server import serve
 
         return serve(settings)
+    from parley.observability.logging import configure_logging
+
+    configure_logging(settings)  # the libraries' lines go through parley's pipeline (and its levels) too
     if args.command == "migrate":
         from parley.commands import migrate
 

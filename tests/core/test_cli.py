@@ -81,3 +81,10 @@ def test_doctor_checks_components_and_hides_secrets(settings: Settings) -> None:
     assert unreachable.returncode == 1
     assert "[FAIL] database" in unreachable.stdout
     assert "hunter2" not in unreachable.stdout and "***" in unreachable.stdout
+
+    clickhouse_down = parley("doctor", env={**env_for(settings), "PARLEY_ANALYTICS": "clickhouse",
+                                            "PARLEY_CLICKHOUSE_URL": "http://parley:s3cret@127.0.0.1:1"})
+    assert clickhouse_down.returncode == 1
+    assert "[FAIL] analytics: ClickHouse not answering: unreachable" in clickhouse_down.stdout
+    assert "s3cret" not in clickhouse_down.stdout + clickhouse_down.stderr
+    assert "[ok] llm (builtin, model parley-builtin)" in healthy.stdout
