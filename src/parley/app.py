@@ -59,6 +59,7 @@ from parley.realtime.bus import InProcessEventBus
 from parley.realtime.component import AgentBridge, RealtimeServices
 from parley.realtime.endpoint import websocket_endpoint
 from parley.realtime.event_log import EventLog
+from parley.realtime.event_store import EventStore
 from parley.realtime.hub import ConnectionHub
 from parley.realtime.routes import router as realtime_router
 from parley.realtime.session import SessionServices, build_router
@@ -132,7 +133,7 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
     usage = UsageService(database, analytics, settings.analytics_database)
     bus = InProcessEventBus()
     writer_database = Database(settings, pool_size=1, max_overflow=1)
-    event_log = EventLog(writer_database, bus, batch_max=settings.event_log_batch_max,
+    event_log = EventLog(EventStore(writer_database), bus, batch_max=settings.event_log_batch_max,
                          queue_max=settings.event_log_queue_max,
                          on_stored=lambda count: telemetry.run_events("stored", count))
     llm = build_llm(settings)

@@ -76,3 +76,23 @@ def test_model_failure_ends_the_run_with_agent_error(make_settings: SettingsFact
         assert "sk-secret" not in str(messages)
         assert run["status"] == "failed" and run["error"]["code"] == "llm_unavailable"
         assert len(fake.chat_requests()) == 2  # retried once, as configured
+
+
+def test_a_second_turn_shows_the_model_the_first(make_settings: SettingsFactory) -> None:
+    with FakeOpenAI() as fake:
+        fake.script(TextReply(pieces=("Nice to ", "meet you.")), TextReply(pieces=("You said hello.",)))
+        server = LiveServer(make_settings(llm_provider="openai", openai_base_url=fake.base_url,
+                                          openai_api_key="sk-test", llm_max_retries=0)).start()
+        try:
+            with httpx.Client(base_url=server.url) as client:
+                account = register(client)
+                with Chat(server.ws_url, account) as chat:
+                    chat.send("user_message", {"content": "hello"})
+                    thread_id = chat.run_to_end()[-1]["thread_id"]
+                    chat.send("user_message", {"thread_id": thread_id, "content": "what did I say?"})
+                    chat.run_to_end()
+        finally:
+            server.stop()
+        second = fake.chat_requests()[1].body["messages"]
+        assert [(m["role"], m["content"]) for m in second[1:]] == [
+            ("user", "hello"), ("assistant", "Nice to meet you."), ("user", "what did I say?")]

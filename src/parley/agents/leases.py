@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, func, select, update
 
 from parley.agents.schemas import UNFINISHED_STATUSES
 from parley.clock import rfc3339, utcnow
@@ -105,14 +103,13 @@ class RunLeases:
         return ended
 
 
-def _still_orphaned(run_id: str, lapsed_before: datetime | None) -> Any:
+def _still_orphaned(run_id: str, lapsed_before: datetime | None) -> Callable[[Connection], bool]:
     """A guard run inside the sweep's transaction: claims the run only if no one finished or renewed it."""
 
-    async def guard(connection: AsyncConnection) -> bool:
+    def guard(connection: Connection) -> bool:
         statement = update(Run).where(Run.id == run_id, Run.status.in_(UNFINISHED_STATUSES))
         if lapsed_before is not None:
             statement = statement.where(Run.lease_until < lapsed_before)
-        result = await connection.execute(statement.values(status="interrupted"))
-        return bool(result.rowcount)
+        return bool(connection.execute(statement.values(status="interrupted")).rowcount)
 
     return guard

@@ -31,6 +31,7 @@ from parley.agents.base import (
     ToolStarted,
 )
 from parley.agents.context import UserExecutionContext
+from parley.agents.history import HISTORY_MESSAGES, HistoryCache
 from parley.agents.leases import INTERRUPTED_MESSAGE, RunLeases, started_event
 from parley.agents.schemas import FINISHED_STATUSES, UNFINISHED_STATUSES, RunOut
 from parley.analytics.metered import MeteredLLM
@@ -46,7 +47,7 @@ from parley.realtime.event_log import EventLog, RunChange, WriteRequest
 from parley.realtime.events import EventType, NewEvent
 from parley.settings import Settings
 from parley.storage.database import Database
-from parley.storage.models import Message, Run
+from parley.storage.models import Message, Run, Thread
 from parley.threads.repository import MessageRepository
 from parley.threads.schemas import MessageOut
 from parley.tools.base import ToolRegistry
@@ -54,7 +55,6 @@ from parley.tools.dispatcher import ToolDispatcher
 
 log = get_logger("parley.runs")
 
-HISTORY_MESSAGES = 40
 
 
 class RunInProgress(Conflict):
@@ -118,6 +118,8 @@ class RunManager:
         self._local: dict[str, _LocalRun] = {}
         self._thread_tail: dict[str, asyncio.Future[None]] = {}
         self._user_slots: dict[str, asyncio.Semaphore] = {}
+        self.history = HistoryCache()
+        event_log.observers.append(self.history.observe)
         self.leases = RunLeases(settings, database, event_log, local_runs=lambda: self._local.keys())
         self._stopping = False
 
@@ -315,16 +317,24 @@ class RunManager:
             state.usage = event.usage
 
     async def _history(self, ctx: UserExecutionContext) -> tuple[ChatMessage, ...]:
+        cached = self.history.get(ctx.thread_id)
+        if cached is not None:
+            return cached
+        last_seq = select(Thread.last_seq).where(Thread.id == ctx.thread_id).scalar_subquery()
         async with self.database.engine.connect() as connection:
-            rows = await connection.execute(
-                select(Message.role, Message.content)
+            # One statement, so the messages and the seq they are current to come from one snapshot.
+            rows = (await connection.execute(
+                select(Message.role, Message.content, last_seq)
                 .where(Message.thread_id == ctx.thread_id, Message.user_id == ctx.user_id,
                        Message.role.in_(("user", "assistant")))
                 .order_by(Message.created_at.desc(), Message.id.desc())
                 .limit(HISTORY_MESSAGES)
-            )
-            return tuple(ChatMessage(role="user" if role == "user" else "assistant", content=content)
-                         for role, content in reversed(rows.all()))
+            )).all()
+        messages = tuple(ChatMessage(role="user" if role == "user" else "assistant", content=content)
+                         for role, content, _ in reversed(rows))
+        if rows:
+            self.history.put(ctx.thread_id, messages, int(rows[0][2]))
+        return messages
 
     @contextlib.asynccontextmanager
     async def _user_slot(self, user_id: str) -> AsyncIterator[None]:

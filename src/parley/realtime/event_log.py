@@ -1,8 +1,8 @@
 """The per-thread event log and its single writer, which stores events in group commits before they are sent.
 
 Producers hand the writer `WriteRequest`s (events, and the rows that must change with them: messages, runs).
-One task takes everything queued, reserves gapless `seq` numbers per thread with one UPDATE of the thread row
-(which also serialises writers of that thread across processes), inserts it all in one transaction, and
+One task takes everything queued and stores it in one transaction (event_store.py: gapless `seq` numbers per
+thread from one UPDATE of the thread row, which also serialises writers of a thread across processes), and
 only after the commit resolves the producers and publishes the events. A database outage is retried with
 backoff; a request that fails on its own (a deleted thread, a duplicate key) fails alone.
 """
@@ -12,23 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import Connection, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.clock import utcnow
 from parley.errors import NotFound
 from parley.health.components import ComponentHealth
 from parley.observability.logging import describe, get_logger
 from parley.realtime.bus import EventBus
+from parley.realtime.event_store import EventStore, write_batch
 from parley.realtime.events import NewEvent, StoredEvent
-from parley.storage.database import Database, is_database_unavailable
-from parley.storage.models import Message, Run, RunEvent, Thread
+from parley.storage.database import is_database_unavailable
+from parley.storage.models import RunEvent
 
 log = get_logger("parley.event_log")
 
@@ -68,9 +67,11 @@ class WriteRequest:
 class EventLog:
     name = "event_log"
 
-    def __init__(self, database: Database, bus: EventBus, *, batch_max: int, queue_max: int,
+    def __init__(self, store: EventStore, bus: EventBus, *, batch_max: int, queue_max: int,
                  retry_max_s: float = 2.0, on_stored: Callable[[int], None] | None = None) -> None:
-        self.database = database
+        # Told of every commit, in order, before anyone is sent its events (the run history cache).
+        self.observers: list[Callable[[Sequence[tuple[WriteRequest, list[StoredEvent]]]], None]] = []
+        self.store = store
         self.bus = bus
         self.batch_max = batch_max
         self.retry_max_s = retry_max_s
@@ -83,7 +84,6 @@ class EventLog:
         self.events_stored = 0
         self.batches = 0
         self.last_commit_ms: float | None = None
-        self._connection: AsyncConnection | None = None
 
     # --- producing -----------------------------------------------------------------------------------------
     async def write(self, request: WriteRequest, wait: bool = True) -> list[StoredEvent]:
@@ -98,21 +98,24 @@ class EventLog:
         await self._queue.put(request)
         return await request.future if wait else []
 
-    async def write_guarded(self, request: WriteRequest,
-                            guard: Callable[[AsyncConnection], Awaitable[bool]]) -> bool:
+    async def write_guarded(self, request: WriteRequest, guard: Callable[[Connection], bool]) -> bool:
         """Stores `request` in a transaction of its own, only if `guard` (run first, inside it) agrees.
 
         For rare writes that must win a race exactly once (the sweeper ending an orphaned run)."""
         now = utcnow()
-        async with self.database.engine.begin() as connection:
-            if not await guard(connection):
-                return False
-            bases = await self._reserve(connection, [request], now)
-            if any(base is None for base in bases.values()):
+
+        def work(connection: Connection) -> list[StoredEvent] | None:
+            if not guard(connection):
+                return None
+            stored = write_batch(connection, [request], now).stored[0]
+            if stored is None:
                 raise ThreadGone()
-            results = self._number([request], bases, now)
-            await self._insert(connection, [request], results)
-        await self._deliver([(request, results[0])])
+            return stored
+
+        stored = await self.store.transaction(work)
+        if stored is None:
+            return False
+        await self._deliver([(request, stored)])
         return True
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -144,11 +147,7 @@ class EventLog:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
-            self._connection = None
-        await self.database.dispose()
+        await self.store.close()
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():
@@ -220,127 +219,28 @@ class EventLog:
         live = [request for request in batch if not request.future.done()]
         now = utcnow()
         started = time.perf_counter()
-        connection = await self._writer_connection()
-        try:
-            async with connection.begin():
-                bases = await self._reserve(connection, live, now)
-                gone = {key for key, base in bases.items() if base is None}
-                if gone:
-                    for request in live:
-                        if _keys(request) & gone:
-                            _fail_all([request], ThreadGone())
-                    live = [request for request in live if not _keys(request) & gone]
-                results = self._number(live, bases, now)
-                await self._insert(connection, live, results)
-        except Exception as exc:
-            if is_database_unavailable(exc):
-                await self._drop_connection()
-            raise
+        result = await self.store.transaction(lambda connection: write_batch(connection, live, now))
         self.batches += 1
         self.last_commit_ms = (time.perf_counter() - started) * 1000
-        return list(zip(live, results, strict=True))
-
-    async def _writer_connection(self) -> AsyncConnection:
-        """The writer's own connection, kept between batches: no checkout, ping or reset per commit.
-        Core statements on it, because the ORM's unit of work would double the writer's CPU."""
-        if self._connection is None or self._connection.closed:
-            self._connection = await self.database.engine.connect()
-        return self._connection
-
-    async def _drop_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            with contextlib.suppress(Exception):  # it is broken already; the pool discards it
-                await connection.invalidate()
-                await connection.close()
-
-    async def _reserve(self, connection: AsyncConnection, batch: list[WriteRequest],
-                       now: datetime) -> dict[tuple[str, str | None], int | None]:
-        """Moves each touched thread's counters in one UPDATE per thread (and claimed owner) and returns the
-        seq before this batch; None for a thread that does not exist or is not the claimed owner's."""
-        events: dict[tuple[str, str | None], int] = defaultdict(int)
-        messages: dict[tuple[str, str | None], int] = defaultdict(int)
-        keys: set[tuple[str, str | None]] = set()
-        for request in batch:
-            keys.update((thread_id, request.owner_id) for thread_id in request.thread_ids())
-            for event in request.events:
-                events[event.thread_id, request.owner_id] += 1
-            for row in request.messages:
-                messages[row["thread_id"], request.owner_id] += 1
-        bases: dict[tuple[str, str | None], int | None] = {}
-        table = _table(Thread)
-        for key in sorted(keys, key=lambda k: (k[0], k[1] or "")):  # one lock order everywhere: no deadlocks
-            thread_id, owner_id = key
-            values: dict[str, Any] = {"last_seq": table.c.last_seq + events[key]}
-            if messages[key]:
-                values.update(message_count=table.c.message_count + messages[key], last_message_at=now,
-                              updated_at=now)
-            statement = update(table).where(table.c.id == thread_id)
-            if owner_id is not None:
-                statement = statement.where(table.c.user_id == owner_id)
-            result = await connection.execute(statement.values(**values).returning(table.c.last_seq))
-            last = result.scalar_one_or_none()
-            bases[key] = None if last is None else last - events[key]
-        return bases
-
-    @staticmethod
-    def _number(batch: list[WriteRequest], bases: dict[tuple[str, str | None], int | None],
-                now: datetime) -> list[list[StoredEvent]]:
-        next_seq = {key: base for key, base in bases.items() if base is not None}
-        results = []
-        for request in batch:
-            stored = []
-            for event in request.events:
-                key = (event.thread_id, request.owner_id)
-                next_seq[key] += 1
-                stored.append(StoredEvent.make(event.thread_id, next_seq[key], event.run_id, str(event.type),
-                                               event.payload, now))
-            results.append(stored)
-        return results
-
-    @staticmethod
-    async def _insert(connection: AsyncConnection, batch: list[WriteRequest],
-                      results: list[list[StoredEvent]]) -> None:
-        runs = [row for request in batch for row in request.runs]
-        if runs:
-            await connection.execute(insert(_table(Run)), runs)
-        messages = [row for request in batch for row in request.messages]
-        if messages:
-            await connection.execute(insert(_table(Message)), messages)
-        rows = [{"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type,
-                 "payload": e.payload, "created_at": e.created_at} for stored in results for e in stored]
-        if rows:
-            await connection.execute(insert(_table(RunEvent)), rows)
-        changes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
-        for request in batch:
-            for change in request.run_changes:
-                changes[tuple(sorted(change.values))].append(
-                    {"b_run_id": change.run_id, **{f"b_{k}": v for k, v in change.values.items()}})
-        table = _table(Run)
-        for columns, params in changes.items():
-            statement = (update(table).where(table.c.id == bindparam("b_run_id"))
-                         .values({column: bindparam(f"b_{column}") for column in columns}))
-            await connection.execute(statement, params)
+        stored = []
+        for request, events in zip(live, result.stored, strict=True):
+            if events is None:
+                _fail_all([request], ThreadGone())
+            else:
+                stored.append((request, events))
+        return stored
 
     async def _deliver(self, stored: list[tuple[WriteRequest, list[StoredEvent]]]) -> None:
         events = [event for _, batch_events in stored for event in batch_events]
         self.events_stored += len(events)
+        for observer in self.observers:
+            observer(stored)
         self._on_stored(len(events))
         for request, request_events in stored:
             if not request.future.done():
                 request.future.set_result(request_events)
         if events:
             await self.bus.publish(events)
-
-
-def _keys(request: WriteRequest) -> set[tuple[str, str | None]]:
-    return {(thread_id, request.owner_id) for thread_id in request.thread_ids()}
-
-
-def _table(model: type[Any]) -> Table:
-    table = model.__table__
-    assert isinstance(table, Table)
-    return table
 
 
 def _new_future() -> asyncio.Future[list[StoredEvent]]:

@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import SingletonThreadPool
 
 from parley.settings import Settings
 
@@ -89,9 +90,22 @@ class Database:
         self.url = make_url(url)
         self.dialect = self.url.get_backend_name()
         self.engine: AsyncEngine = create_async_engine(url, **options)
+        self._settings = settings
         if self.dialect == "sqlite":
-            _configure_sqlite(self.engine, settings)
+            _configure_sqlite(self.engine.sync_engine, settings)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+
+    def sync_engine(self) -> Engine:
+        """A synchronous engine on the same SQLite file (pysqlite, one connection), for work that is cheapest
+        done in one trip to a thread of its own: the event log's batches."""
+        if self.dialect != "sqlite":
+            raise ValueError("a synchronous engine is only made for SQLite")
+        url = self.url.set(drivername="sqlite")
+        engine = create_engine(url, connect_args={"timeout": self._settings.database_busy_timeout_s,
+                                                  "check_same_thread": False},
+                               poolclass=SingletonThreadPool, pool_size=1)
+        _configure_sqlite(engine, self._settings)
+        return engine
 
     @property
     def display_url(self) -> str:
@@ -115,10 +129,10 @@ class Database:
         await self.engine.dispose()
 
 
-def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
+def _configure_sqlite(engine: Engine, settings: Settings) -> None:
     busy_ms = int(settings.database_busy_timeout_s * 1000)
 
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         # WAL lets readers proceed while one writer commits; NORMAL sync is durable across process crashes.

@@ -1,0 +1,46 @@
+"""The run history cache follows the event log exactly, and lets go when another writer got in between."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from parley.agents.history import HistoryCache
+from parley.llm.base import ChatMessage
+from parley.realtime.event_log import WriteRequest
+from parley.realtime.events import StoredEvent
+
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+
+
+def commit(thread: str, seqs: range, messages: list[tuple[str, str]]) -> list[tuple[Any, list[StoredEvent]]]:
+    request = WriteRequest.__new__(WriteRequest)  # only its rows are read; no future is needed
+    request.messages = [{"thread_id": thread, "role": role, "content": text} for role, text in messages]
+    return [(request, [StoredEvent.make(thread, seq, None, "x", {}, NOW) for seq in seqs])]
+
+
+def test_appends_in_step_and_drops_on_a_gap() -> None:
+    cache = HistoryCache(max_threads=10, limit=3)
+    assert cache.get("t") is None
+    cache.put("t", [ChatMessage("user", "a")], last_seq=5)
+    cache.observe(commit("t", range(6, 8), [("user", "b"), ("tool", "ignored")]))
+    cache.observe(commit("t", range(8, 11), [("assistant", "c"), ("user", "d")]))
+    assert [m.content for m in cache.get("t") or ()] == ["b", "c", "d"]  # bounded to the newest three
+    cache.observe(commit("t", range(13, 14), [("user", "e")]))  # seq 11 and 12 were written elsewhere
+    assert cache.get("t") is None
+
+
+def test_a_copy_older_than_a_seen_commit_is_not_kept() -> None:
+    cache = HistoryCache()
+    cache.observe(commit("t", range(1, 4), [("user", "a")]))  # committed while the database was being read
+    cache.put("t", [], last_seq=0)
+    assert cache.get("t") is None
+    cache.put("t", [ChatMessage("user", "a")], last_seq=3)
+    assert cache.get("t") == (ChatMessage("user", "a"),)
+
+
+def test_the_number_of_threads_is_bounded() -> None:
+    cache = HistoryCache(max_threads=2)
+    for thread in ("a", "b", "c"):
+        cache.put(thread, [], last_seq=1)
+    assert cache.get("a") is None and cache.get("c") == ()
