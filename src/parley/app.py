@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import WebSocketRoute
 
 from parley import __version__
 from parley.agents.assistant import Assistant
@@ -201,7 +202,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(observability_router)
     app.include_router(web_router)
     app.mount("/static", static_files(), name="static")
-    app.add_api_websocket_route("/ws", websocket_endpoint)
+    # A plain Starlette route: FastAPI's dependency machinery would cost ~8 KiB per open connection.
+    app.router.routes.append(WebSocketRoute("/ws", websocket_endpoint))
 
     # Added innermost first: the security headers wrap everything, including the last-resort error answer.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)

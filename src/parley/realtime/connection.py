@@ -5,7 +5,8 @@ requested twice, or by both ends at once, sends at most one close frame, and nev
 close arrived. Only the writer task touches the socket's send side; producers append to a bounded queue,
 and a client too slow to drain it is disconnected (it resumes from the event log) instead of growing memory.
 A send that the server refuses (uvicorn already closed the socket) or that does not complete within
-`send_timeout_s` means the client is gone; `closed` lets the reader stop waiting for a client that never will.
+`send_timeout_s` means the client is gone; the reader, waiting for a client that never will speak again, is
+then woken (cancelled) so the connection can be let go.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import enum
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -63,7 +65,8 @@ class Connection:
         self._on_closed = on_closed
         self.send_timeout_s = send_timeout_s
         self._flush_on_close = False
-        self.closed = asyncio.Event()  # set once the connection is CLOSED, however that came about
+        self.reader: asyncio.Task[Any] | None = None  # the task reading from the client (the endpoint's)
+        self.reader_woken = False
         self.sent = 0
 
     # --- opening -------------------------------------------------------------------------------------------
@@ -123,8 +126,10 @@ class Connection:
                     try:
                         async with asyncio.timeout(self.send_timeout_s):
                             await self.websocket.send_text(text)
-                    except SEND_FAILED:
+                    except SEND_FAILED as exc:
                         self._client_gone(None)
+                        if isinstance(exc, TimeoutError):
+                            self._wake_reader()  # the client stopped reading; it will not speak either
                         return
                     self.sent += 1
                 if self.state is ConnectionState.CLOSING:
@@ -180,9 +185,13 @@ class Connection:
         self._queue.clear()
         self._wakeup.set()
         self._room.set()
-        self.closed.set()
         if self._on_closed is not None:
             self._on_closed(self)
+
+    def _wake_reader(self) -> None:
+        if self.reader is not None and not self.reader.done() and self.reader is not asyncio.current_task():
+            self.reader_woken = True
+            self.reader.cancel()
 
     async def wait_closed(self) -> None:
         if self._writer is not None:

@@ -125,17 +125,11 @@ async def _read_loop(websocket: WebSocket, connection: Connection, session: Clie
     # Over the limit a message is answered with an error; at twice the limit the connection is closed.
     soft = SlidingWindowLimiter(per_minute, 60.0, max_keys=1)
     hard = SlidingWindowLimiter(per_minute * 2, 60.0, max_keys=1)
-    # Waiting for the client races the connection being let go (a send timed out): the reader then stops
-    # waiting for a client that will never speak again.
-    closed = asyncio.ensure_future(connection.closed.wait())
+    # The writer wakes (cancels) this task if it lets the client go while we wait for it to speak.
+    connection.reader = asyncio.current_task()
     try:
         while connection.state is ConnectionState.OPEN:
-            receiving = asyncio.ensure_future(websocket.receive())
-            await asyncio.wait((receiving, closed), return_when=asyncio.FIRST_COMPLETED)
-            if not receiving.done():
-                receiving.cancel()
-                return
-            message = receiving.result()
+            message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 connection.client_closed(message.get("code"))
                 return
@@ -148,8 +142,12 @@ async def _read_loop(websocket: WebSocket, connection: Connection, session: Clie
                 session.send_error("rate_limited", "Too many messages; slow down.", request_id_of(_frame(message)))
                 continue
             await _handle_frame(_frame(message), connection, session, router)
-    finally:
-        closed.cancel()
+    except asyncio.CancelledError:
+        if not connection.reader_woken:
+            raise  # the server is going away: not ours to swallow
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
 
 
 def _frame(message: Mapping[str, Any]) -> str | bytes:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from parley.clock import rfc3339
 from parley.realtime.events import StoredEvent
 from parley.storage.database import Database
 from parley.storage.models import Message, Run, RunEvent, Thread
@@ -98,6 +99,7 @@ def _reserve(connection: Connection, batch: Sequence[WriteRequest], now: datetim
 def _number(batch: Sequence[WriteRequest], bases: dict[ThreadKey, int | None],
             now: datetime) -> list[list[StoredEvent]]:
     next_seq = {key: base for key, base in bases.items() if base is not None}
+    ts = rfc3339(now)
     results = []
     for request in batch:
         stored = []
@@ -105,7 +107,7 @@ def _number(batch: Sequence[WriteRequest], bases: dict[ThreadKey, int | None],
             key = (event.thread_id, request.owner_id)
             next_seq[key] += 1
             stored.append(StoredEvent.make(event.thread_id, next_seq[key], event.run_id, str(event.type),
-                                           event.payload, now))
+                                           event.payload, now, ts))
         results.append(stored)
     return results
 

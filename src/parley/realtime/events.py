@@ -56,12 +56,13 @@ class StoredEvent:
 
     @classmethod
     def make(cls, thread_id: str, seq: int, run_id: str | None, type_: str, payload: dict[str, Any],
-             created_at: datetime) -> StoredEvent:
+             created_at: datetime, ts: str | None = None) -> StoredEvent:
+        """`ts`, when given, is `created_at` already formatted (a batch formats its one timestamp once)."""
         envelope: dict[str, Any] = {"type": type_, "thread_id": thread_id}
         if run_id is not None:
             envelope["run_id"] = run_id
         envelope["seq"] = seq
-        envelope["ts"] = rfc3339(created_at)
+        envelope["ts"] = ts or rfc3339(created_at)
         envelope["payload"] = payload
         return cls(thread_id, seq, run_id, type_, payload, created_at, orjson.dumps(envelope).decode())
 
