@@ -71,3 +71,43 @@ def test_tracker_reports_windows_budget_and_alert_condition() -> None:
     assert status.budget_remaining == pytest.approx(1 - (10 / 1011) / 0.001)
     clock.now += 301
     assert tracker.status("api").alerting is False  # the failures left the 5 minute window
+
+
+def test_slo_rules_are_valid_prometheus_rule_yaml() -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    result = subprocess.run([sys.executable, "-m", "parley", "slo", "rules"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    rules = yaml.safe_load(result.stdout)["groups"][0]["rules"]
+    names = {rule["alert"] for rule in rules}
+    assert {"ParleyApiSuccessBelowThreshold", "ParleyWsConnectionSuccessBelowThreshold",
+            "ParleyAgentMessageDeliveryBelowThreshold", "ParleyDatabaseSessionSuccessBelowThreshold"} <= names
+    threshold = next(r for r in rules if r["alert"] == "ParleyApiSuccessBelowThreshold")
+    assert threshold["labels"]["severity"] == "critical" and threshold["expr"].endswith("< 0.9")
+    assert "parley_http_requests_total" in threshold["expr"]
+    burn = next(r for r in rules if r["alert"] == "ParleyApiSuccessErrorBudgetBurnFast")
+    assert "14.4 * 0.001" in burn["expr"] and "[1h]" in burn["expr"] and "[5m]" in burn["expr"]
+
+
+def test_diagnose_runs_from_the_command_line(tmp_path: pytest.TempPathFactory) -> None:
+    import json
+    import subprocess
+    import sys
+
+    log = "\n".join([
+        '{"event": "database_unavailable", "level": "warning", "route": "/api/threads", '
+        '"timestamp": "2026-11-29T10:00:00Z", "user_id": "u1", "reason": "ConnectionRefusedError"}',
+        '{"event": "request", "level": "info", "timestamp": "2026-11-29T10:00:01Z"}',
+        '{"event": "database_unavailable", "level": "warning", "route": "/api/threads", '
+        '"timestamp": "2026-11-29T10:00:02Z", "user_id": "u2", "reason": "ConnectionRefusedError"}',
+    ])
+    result = subprocess.run([sys.executable, "-m", "parley", "diagnose", "--json", "-"], input=log,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["total"] == 2 and len(report["patterns"]) == 1
+    assert report["patterns"][0]["count"] == 2
