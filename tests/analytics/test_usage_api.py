@@ -86,8 +86,8 @@ def test_usage_report_tool_answers_in_chat(server: LiveServer) -> None:
         account = register(client)
         converse(server, account, ["what is 6*7", "what is 1+2"])
         if server.settings.analytics != "off":
-            wait_for(lambda: client.get("/api/usage", headers=account.headers).json()["items"], timeout=15,
-                     message="runs in ClickHouse")
+            wait_for(lambda: [i["runs"] for i in client.get("/api/usage", headers=account.headers).json()["items"]]
+                     == [2], timeout=15, message="both runs in ClickHouse")
         with Chat(server.ws_url, account) as chat:
             chat.send("user_message", {"content": "how many tokens did I use this week, and on which model?"})
             messages = chat.run_to_end()

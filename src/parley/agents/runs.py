@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -214,14 +214,19 @@ class RunManager:
         local.task = asyncio.create_task(self._execute(local, submission, previous), name=f"run-{run.id}")
 
     # --- cancelling ----------------------------------------------------------------------------------------
-    async def cancel(self, session: AsyncSession, user_id: str, run_id: str) -> RunOut:
+    async def cancel(self, session: AsyncSession, user_id: str, run_id: str,
+                     before: Callable[[RunOut], None] | None = None) -> RunOut:
+        """Cancels the user's run (a finished run is returned unchanged). `before` is told of the run first,
+        so an acknowledgement can precede the run's `agent_cancelled`."""
         run = await session.scalar(select(Run).where(Run.id == run_id, Run.user_id == user_id))
         if run is None:
             raise RunNotFound()
-        if run.status in FINISHED_STATUSES:
-            return RunOut.of(run)
-        await self.request_cancel(run_id, "cancelled by the user")
-        return RunOut.of(run)
+        found = RunOut.of(run)
+        if before is not None:
+            before(found)
+        if run.status not in FINISHED_STATUSES:
+            await self.request_cancel(run_id, "cancelled by the user")
+        return found
 
     async def request_cancel(self, run_id: str, reason: str) -> None:
         if run_id in self._local:

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from parley.agents.runs import RunManager
+from parley.agents.schemas import RunOut
 from parley.auth.tokens import Principal
 from parley.clock import utcnow
 from parley.errors import ParleyError
@@ -166,9 +167,11 @@ class ClientSession:
             return int(last or 0)
 
     async def on_stop_agent(self, message: ClientMessage[StopAgentPayload]) -> None:
+        def acknowledge(run: RunOut) -> None:  # before the cancellation, so `ack` precedes `agent_cancelled`
+            self.send(EventType.ACK, {"run_id": run.id, "status": run.status}, message.id, run.thread_id)
+
         async with self.services.database.session() as session:
-            run = await self.services.runs.cancel(session, self.principal.user_id, message.payload.run_id)
-        self.send(EventType.ACK, {"run_id": run.id, "status": run.status}, message.id, run.thread_id)
+            await self.services.runs.cancel(session, self.principal.user_id, message.payload.run_id, acknowledge)
 
     async def on_subscribe(self, message: ClientMessage[SubscribePayload]) -> None:
         body = message.payload
