@@ -34,8 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import resource
 import signal
 import statistics
 import subprocess
@@ -43,13 +41,19 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
-from threads_list import BenchmarkError, Server, register, running
+from common import (
+    BenchmarkError,
+    Server,
+    environment,
+    raise_open_file_limit,
+    recreate_postgres_database,
+    register,
+    running,
+    start_parley,
+)
 from ws_baseline_server import READY_PATH as READY_PATH_BASELINE
 
 from parley.clock import utcnow
@@ -61,13 +65,10 @@ LOAD_SCRIPT = BENCH_DIR / "ws_load.py"
 BASELINE_SCRIPT = BENCH_DIR / "ws_baseline_server.py"
 GC_HOOK_DIR = BENCH_DIR / "gc_hook"
 GC_LINE = "bench gc_hook: collected"  # what gc_hook/sitecustomize.py prints after each collection
-PARLEY_BIN = Path(sys.executable).with_name("parley")
 
-PG_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 PG_DATABASE = "parley_bench_runs"
 PG_URL = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PG_DATABASE}"
 
-JWT_SECRET = "bench-secret-" + "x" * 40
 # The builtin assistant calls the calculator once, then streams "1 + 2 + ... + 9 +10 = 55." as 20 tokens, the
 # workload the issue's reference figures are for. ("what is 12 * 7" would stream only 5.)
 CONTENT = "what is 1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 9 +10"
@@ -126,52 +127,27 @@ class Sample:
     machine_cpu_share: float  # every process on the machine, ours included, in cores
 
 
-def raise_open_file_limit() -> None:
-    """Up to the hard limit, for this process and every server and generator it starts (they inherit it)."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+# What `parley serve` gets here besides the settings of every benchmark (common.start_parley). Everything else
+# keeps its default; in particular analytics is `auto`: with chDB installed it records every run in chDB.
+PARLEY_SETTINGS = {
+    "PARLEY_BUILTIN_TOKEN_DELAY_S": "0",
+    "PARLEY_PASSWORD_HASH_MEMORY_KIB": "1024",  # cheap registrations; login cost is not measured here
+    "PARLEY_WS_MESSAGES_PER_MINUTE": "1000000",
+    "PARLEY_WS_MAX_CONNECTIONS_PER_USER": "10000",  # the idle test opens all its connections as one user
+}
 
 
-def start_parley(name: str, database_url: str, work_dir: Path, *, gc_hook: bool = False) -> Server:
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PARLEY_")}
-    env.update({
-        "PARLEY_ENV": "test",
-        "PARLEY_HOST": "127.0.0.1",
-        "PARLEY_PORT": str(port),
-        "PARLEY_DATABASE_URL": database_url,
-        "PARLEY_DATA_DIR": str(work_dir),
-        "PARLEY_JWT_SECRET": JWT_SECRET,
-        "PARLEY_AUTO_MIGRATE": "true",
-        "PARLEY_LOG_LEVEL": "WARNING",
-        "PARLEY_LOG_FORMAT": "json",  # as in production
-        "PARLEY_BUILTIN_TOKEN_DELAY_S": "0",
-        "PARLEY_ACCESS_TOKEN_TTL_S": "3600",  # outlives the whole run
-        "PARLEY_PASSWORD_HASH_MEMORY_KIB": "1024",  # cheap registrations; login cost is not measured here
-        "PARLEY_REGISTER_RATE_LIMIT": "10000",
-        "PARLEY_WS_MESSAGES_PER_MINUTE": "1000000",
-        "PARLEY_WS_MAX_CONNECTIONS_PER_USER": "10000",  # the idle test opens all its connections as one user
-    })
-    if gc_hook:
-        env["PYTHONPATH"] = str(GC_HOOK_DIR)
-    # The work directory as cwd, so that no .env file of the checkout is read.
-    return Server(name, [str(PARLEY_BIN), "serve"], port, work_dir / f"{name}.log", env=env, cwd=work_dir)
+def start_parley_ws(name: str, database_url: str, work_dir: Path, *, gc_hook: bool = False,
+                    settings: dict[str, str] | None = None) -> Server:
+    """`parley serve` with PARLEY_SETTINGS, plus `settings`; `gc_hook` loads bench/gc_hook into it."""
+    return start_parley(name, database_url, work_dir, {**PARLEY_SETTINGS, **(settings or {})},
+                        pythonpath=GC_HOOK_DIR if gc_hook else None)
 
 
 def start_baseline(work_dir: Path, name: str = BASELINE, *, gc_hook: bool = False) -> Server:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(GC_HOOK_DIR)} if gc_hook else None
     return Server(name, [sys.executable, str(BASELINE_SCRIPT), str(port)], port, work_dir / f"{name}.log", env=env)
-
-
-async def recreate_postgres_database() -> None:
-    admin = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-            await connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
-    finally:
-        await admin.dispose()
 
 
 def register_users(server: Server, count: int, tokens_file: Path) -> None:
@@ -343,7 +319,7 @@ def bench_idle(work: Path, connections: int) -> dict[str, Any]:
     with running(start_baseline(baseline_dir, "idle-baseline", gc_hook=True), READY_PATH_BASELINE) as baseline:
         results[BASELINE] = idle_memory(baseline, None, connections)
     database_url = f"sqlite+aiosqlite:///{parley_dir / 'parley.db'}"
-    with running(start_parley("idle-parley-sqlite", database_url, parley_dir, gc_hook=True),
+    with running(start_parley_ws("idle-parley-sqlite", database_url, parley_dir, gc_hook=True),
                  READY_PATH_PARLEY) as parley:
         tokens_file = parley_dir / "tokens.json"
         register_users(parley, 1, tokens_file)
@@ -408,27 +384,8 @@ def print_table(load: dict[str, Any], idle: dict[str, Any] | None, targets: dict
               f"{'MET' if verdict['met'] else 'NOT MET'}")
 
 
-def environment() -> dict[str, Any]:
-    packages = ("starlette", "uvicorn", "uvloop", "websockets", "sqlalchemy", "aiosqlite", "asyncpg", "orjson",
-                "pydantic", "chdb")  # with chdb installed, `parley serve` records analytics in it by default
-    git = ["git", "-C", str(BENCH_DIR.parent)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    changed = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout
-    return {
-        "parley_commit": commit,
-        "src_has_uncommitted_changes": bool(changed.strip()),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": {name: installed_version(name) for name in packages},
-    }
-
-
-def installed_version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+PACKAGES = ("starlette", "uvicorn", "uvloop", "websockets", "sqlalchemy", "aiosqlite", "asyncpg", "orjson",
+            "pydantic", "chdb")  # with chdb installed, `parley serve` records analytics in it by default
 
 
 def bench_load(work: Path, kinds: list[str], concurrencies: list[int], args: argparse.Namespace) -> dict[str, Any]:
@@ -438,11 +395,11 @@ def bench_load(work: Path, kinds: list[str], concurrencies: list[int], args: arg
     for kind in kinds:
         (work / kind).mkdir()
         if kind == "postgresql":
-            asyncio.run(recreate_postgres_database())
+            asyncio.run(recreate_postgres_database(PG_DATABASE))
             database_url = PG_URL
         else:
             database_url = f"sqlite+aiosqlite:///{work / kind / 'parley.db'}"
-        servers.append((start_parley(f"parley {kind}", database_url, work / kind), READY_PATH_PARLEY))
+        servers.append((start_parley_ws(f"parley {kind}", database_url, work / kind), READY_PATH_PARLEY))
         tokens[kind] = work / kind / "tokens.json"
     try:
         for server, ready_path in servers:
@@ -476,7 +433,7 @@ def main() -> int:
     raise_open_file_limit()
     started = time.monotonic()
     load_at_start = os.getloadavg()
-    measured_code = environment()  # before the run: another engineer may commit or edit src/ meanwhile
+    measured_code = environment(PACKAGES)  # before the run: another engineer may commit or edit src/ meanwhile
     with tempfile.TemporaryDirectory(prefix="parley-bench-ws-") as temp:
         work = Path(temp)
         try:

@@ -24,26 +24,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
+from common import (
+    JWT_SECRET,
+    BenchmarkError,
+    Server,
+    environment,
+    process_cpu_s,
+    recreate_postgres_database,
+    register,
+    running,
+    start_parley,
+)
 from sqlalchemy import insert, text, update
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from parley.clock import utcnow
 from parley.ids import new_id
@@ -55,20 +60,15 @@ from parley.storage.models import Thread, User
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_FILE = BENCH_DIR / "results" / "threads_list.json"
 WRK_SCRIPT = BENCH_DIR / "wrk_report.lua"
-PARLEY_BIN = Path(sys.executable).with_name("parley")
 
-PG_ADMIN_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 PG_DATABASE = "parley_bench"
 PG_URL = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PG_DATABASE}"
 
-JWT_SECRET = "bench-secret-" + "x" * 40
-PASSWORD = "bench-password-123"
 LIST_PATH = "/api/threads?limit=20"
 PAGE_SIZE = 20
 SMALL, LARGE = 10, 10_000
 TARGET_RATIO = 1.5
 WARMUP_S = 2
-READY_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -97,77 +97,9 @@ class Sample:
     server_cpu_ms_per_request: float
 
 
-class BenchmarkError(Exception):
-    """The run cannot give trustworthy figures (a server failed, an answer was wrong, requests errored)."""
-
-
-class Server:
-    """A server in its own process, its output going to a log file; stopped with SIGTERM, then SIGKILL."""
-
-    def __init__(self, name: str, command: list[str], port: int, log_file: Path,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.name = name
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_file = log_file
-        with log_file.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-
-    def wait_until_answering(self, path: str) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchmarkError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise BenchmarkError(f"{self.name} did not answer {path} within {READY_TIMEOUT_S}s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@contextlib.contextmanager
-def running(server: Server, ready_path: str) -> Iterator[Server]:
-    try:
-        server.wait_until_answering(ready_path)
-        yield server
-    finally:
-        server.stop()
-
-
-def start_parley(name: str, database_url: str, work_dir: Path, log_level: str) -> Server:
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PARLEY_")}
-    env.update({
-        "PARLEY_ENV": "test",
-        "PARLEY_HOST": "127.0.0.1",
-        "PARLEY_PORT": str(port),
-        "PARLEY_DATABASE_URL": database_url,
-        "PARLEY_DATA_DIR": str(work_dir),
-        "PARLEY_JWT_SECRET": JWT_SECRET,
-        "PARLEY_AUTO_MIGRATE": "true",
-        "PARLEY_LOG_LEVEL": log_level,
-        "PARLEY_LOG_FORMAT": "json",  # as in production
-        "PARLEY_ACCESS_TOKEN_TTL_S": "3600",  # outlives the whole run
-        "PARLEY_REGISTER_RATE_LIMIT": "10000",
-        "PARLEY_LOGIN_RATE_LIMIT": "10000",
-    })
-    # The work directory as cwd, so that no .env file of the checkout is read.
-    return Server(name, [str(PARLEY_BIN), "serve"], port, work_dir / f"{name}.log", env=env, cwd=work_dir)
+def start_parley_logging(name: str, database_url: str, work_dir: Path, log_level: str) -> Server:
+    return start_parley(name, database_url, work_dir, {"PARLEY_LOG_LEVEL": log_level,
+                                                       "PARLEY_LOGIN_RATE_LIMIT": "10000"})
 
 
 def start_baseline(work_dir: Path) -> Server:
@@ -177,25 +109,6 @@ def start_baseline(work_dir: Path) -> Server:
 
 
 # --- databases and data ------------------------------------------------------------------------------------
-
-
-async def recreate_postgres_database() -> None:
-    admin = create_async_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)'))
-            await connection.execute(text(f'CREATE DATABASE "{PG_DATABASE}"'))
-    finally:
-        await admin.dispose()
-
-
-def register(base_url: str, email: str) -> tuple[str, str]:
-    """Registers an account through the API; returns its user id and access token."""
-    response = httpx.post(f"{base_url}/api/auth/register", json={"email": email, "password": PASSWORD}, timeout=30)
-    if response.status_code != 201:
-        raise BenchmarkError(f"registering {email}: {response.status_code} {response.text[:300]}")
-    body = response.json()
-    return body["user"]["id"], body["access_token"]
 
 
 async def seed_threads(database_url: str, work_dir: Path, user_id: str, count: int) -> None:
@@ -274,13 +187,6 @@ def run_wrk(target: Target, duration_s: int, connections: int) -> Sample:
     )
 
 
-def process_cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of a process and all its threads, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), counted after the name
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(targets: list[Target], rounds: int, duration_s: int, connections: int) -> dict[str, list[Sample]]:
     """Warms every target up once, then runs `rounds` rounds, rotating the order so no target is always first."""
     for target in targets:
@@ -304,11 +210,11 @@ BASELINE, SMALL_NAME, LARGE_NAME, SMALL_INFO_NAME = "baseline", "10 threads", "1
 def bench_database(kind: str, baseline: Target, work_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     print(f"\n== {kind}", flush=True)
     if kind == "postgresql":
-        asyncio.run(recreate_postgres_database())
+        asyncio.run(recreate_postgres_database(PG_DATABASE))
         database_url = PG_URL
     else:
         database_url = f"sqlite+aiosqlite:///{work_dir / 'parley.db'}"
-    quiet = start_parley(f"parley-{kind}-warning", database_url, work_dir, "WARNING")
+    quiet = start_parley_logging(f"parley-{kind}-warning", database_url, work_dir, "WARNING")
     with running(quiet, "/health/ready"):
         small_id, small_token = register(quiet.url, "ten@bench.example")
         large_id, large_token = register(quiet.url, "ten-thousand@bench.example")
@@ -316,7 +222,7 @@ def bench_database(kind: str, baseline: Target, work_dir: Path, args: argparse.N
         asyncio.run(seed_threads(database_url, work_dir, small_id, SMALL))
         asyncio.run(seed_threads(database_url, work_dir, large_id, LARGE))
         print(f"  seeded {SMALL} + {LARGE} threads in {time.monotonic() - started:.1f}s", flush=True)
-        logged = start_parley(f"parley-{kind}-info", database_url, work_dir, "INFO")
+        logged = start_parley_logging(f"parley-{kind}-info", database_url, work_dir, "INFO")
         with running(logged, "/health/ready"):
             targets = [
                 baseline,
@@ -385,22 +291,11 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
               f"server CPU per request {ratios['server_cpu_info_log_vs_warning']:.2f}x")
 
 
-def environment() -> dict[str, Any]:
+def code_and_machine() -> dict[str, Any]:
     packages = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "sqlalchemy", "aiosqlite", "asyncpg",
                 "pydantic")
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0]
-    git = ["git", "-C", str(BENCH_DIR.parent)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    changed = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout
-    return {
-        "parley_commit": commit,
-        "src_has_uncommitted_changes": bool(changed.strip()),
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "wrk": wrk_version.strip(),
-        "packages": {name: metadata.version(name) for name in packages},
-    }
+    return {**environment(packages), "wrk": wrk_version.strip()}
 
 
 def main() -> int:
@@ -436,7 +331,7 @@ def main() -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
         "settings": {"duration_s": args.duration, "rounds": args.rounds, "connections": args.connections,
                      "wrk_threads": 1, "warmup_s": WARMUP_S},
-        "environment": environment(),
+        "environment": code_and_machine(),
         "databases": results,
     }
     RESULTS_FILE.parent.mkdir(exist_ok=True)
