@@ -363,6 +363,7 @@ class RunManager:
                     **changes: Any) -> None:
         """Queues one of the run's events for the log without waiting for the commit (it is still stored
         before anyone is sent it); the write only lands in the run's user's own thread."""
+        changes.setdefault("run_changes", [])  # lists, so that a queued request can take in the next one
         await self.event_log.write(WriteRequest(events=[self._event(ctx, type_, payload)], owner_id=ctx.user_id,
                                                 **changes), wait=False)
 

@@ -32,6 +32,9 @@ from parley.storage.models import RunEvent
 log = get_logger("parley.event_log")
 
 
+MERGE_MAX_EVENTS = 500
+
+
 class ThreadGone(NotFound):
     """The thread does not exist (any more), or is not the writer's claimed owner's: the same to a client."""
 
@@ -84,6 +87,7 @@ class EventLog:
         self.events_stored = 0
         self.batches = 0
         self.last_commit_ms: float | None = None
+        self._tail: WriteRequest | None = None  # the last fire-and-forget request, while still queued
 
     # --- producing -----------------------------------------------------------------------------------------
     async def write(self, request: WriteRequest, wait: bool = True) -> list[StoredEvent]:
@@ -94,9 +98,25 @@ class EventLog:
         if self._stopping or self._task is None:
             raise RuntimeError("the event log is not running")
         if not wait:
+            if self._merge_into_tail(request):
+                return []
             request.future.add_done_callback(_consume_exception)
         await self._queue.put(request)
+        if not wait and _appendable(request):
+            self._tail = request
         return await request.future if wait else []
+
+    def _merge_into_tail(self, request: WriteRequest) -> bool:
+        """A run's events come in bursts of one request each; while the previous one still waits in the queue,
+        the next joins it (same order, same commit), sparing a request, a future and a queue slot per event."""
+        tail = self._tail
+        if tail is None or not _appendable(request) or tail.owner_id != request.owner_id \
+                or len(tail.events) + len(request.events) > MERGE_MAX_EVENTS:
+            return False
+        assert isinstance(tail.events, list) and isinstance(tail.run_changes, list)
+        tail.events.extend(request.events)
+        tail.run_changes.extend(request.run_changes)
+        return True
 
     async def write_guarded(self, request: WriteRequest, guard: Callable[[Connection], bool]) -> bool:
         """Stores `request` in a transaction of its own, only if `guard` (run first, inside it) agrees.
@@ -171,6 +191,7 @@ class EventLog:
             batch = [await self._queue.get()]
             while len(batch) < self.batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._tail = None  # what the writer has taken can no longer be joined
             try:
                 await self._commit_with_retry(batch)
             finally:
@@ -245,6 +266,12 @@ class EventLog:
 
 def _new_future() -> asyncio.Future[list[StoredEvent]]:
     return asyncio.get_running_loop().create_future()
+
+
+def _appendable(request: WriteRequest) -> bool:
+    """Only events and run changes, nobody waiting: safe to join with its neighbour in the queue."""
+    return not request.messages and not request.runs and isinstance(request.events, list) \
+        and isinstance(request.run_changes, list)
 
 
 def _fail_all(batch: list[WriteRequest], exc: BaseException) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -24,6 +25,14 @@ from parley.settings import Settings
 # resources, operator intervention (shutdown, cannot connect now, statement timeout).
 _UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
 _SQLITE_UNAVAILABLE_WORDS = ("locked", "busy", "unable to open", "disk i/o")
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# JSON columns (event payloads, metadata) through orjson: several times faster than the stdlib json module.
+JSON_CODEC: dict[str, Any] = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
@@ -89,7 +98,7 @@ class Database:
         url, options = _engine_options(settings, pool_size, max_overflow)
         self.url = make_url(url)
         self.dialect = self.url.get_backend_name()
-        self.engine: AsyncEngine = create_async_engine(url, **options)
+        self.engine: AsyncEngine = create_async_engine(url, **options, **JSON_CODEC)
         self._settings = settings
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine.sync_engine, settings)
@@ -103,7 +112,7 @@ class Database:
         url = self.url.set(drivername="sqlite")
         engine = create_engine(url, connect_args={"timeout": self._settings.database_busy_timeout_s,
                                                   "check_same_thread": False},
-                               poolclass=SingletonThreadPool, pool_size=1)
+                               poolclass=SingletonThreadPool, pool_size=1, **JSON_CODEC)
         _configure_sqlite(engine, self._settings)
         return engine
 
