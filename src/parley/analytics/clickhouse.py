@@ -6,6 +6,9 @@ All methods are blocking; the sink calls them on a thread of its own, never on t
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +20,15 @@ from parley.analytics.schema import MIGRATIONS, MIGRATIONS_TABLE, TABLES
 from parley.observability.logging import get_logger
 
 log = get_logger("parley.analytics")
+
+
+# Timestamps go as RFC 3339 text (orjson's datetime form); ClickHouse reads it with best-effort parsing.
+_DATETIME_INPUT = {"date_time_input_format": "best_effort"}
+
+
+@functools.cache
+def _columns(record_type: Any) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(record_type))
 
 
 class ClickHouseStore:
@@ -77,8 +89,14 @@ class ClickHouseStore:
 
     # --- data ----------------------------------------------------------------------------------------------
     def insert(self, table: str, records: Sequence[Record]) -> int:
-        """Inserts records of one table in one statement (all or none of them)."""
-        self.insert_rows(table, [record.row() for record in records])
+        """Inserts records of one table in one statement (all or none of them).
+
+        Sent column by column (JSONCompactColumns) in one orjson call: several times cheaper than a JSON
+        object per row, and this runs in the server process, where its CPU competes with requests."""
+        names = _columns(type(records[0]))
+        body = orjson.dumps(list(zip(*map(operator.attrgetter(*names), records), strict=True)))
+        self._require().raw_insert(f"{self.database}.{table}", list(names), insert_block=body,
+                                   fmt="JSONCompactColumns", settings=_DATETIME_INPUT)
         return len(records)
 
     def insert_rows(self, table: str, rows: list[dict[str, Any]]) -> None:

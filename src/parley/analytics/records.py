@@ -1,20 +1,11 @@
-"""What analytics records: one frozen dataclass per kind, each naming its table and giving its row."""
+"""What analytics records: one frozen dataclass per kind, each naming its table; its fields are the table's
+columns, in order."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, Protocol
-
-
-def _row(record: Any) -> dict[str, Any]:
-    # The fields are flat values: a shallow read (dataclasses.asdict deep-copies, at a real cost per record).
-    row = {name: getattr(record, name) for name in record.__slots__}
-    for key, value in row.items():
-        if isinstance(value, datetime):
-            # ClickHouse parses this form into DateTime64(3, 'UTC') from JSONEachRow.
-            row[key] = value.strftime("%Y-%m-%d %H:%M:%S.") + f"{value.microsecond // 1000:03d}"
-    return row
+from typing import ClassVar, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +25,6 @@ class LLMCallRecord:
     cost_usd: float
     outcome: str  # "ok" or an error code
 
-    def row(self) -> dict[str, Any]:
-        return _row(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +39,6 @@ class ToolCallRecord:
     duration_ms: float
     ok: bool
 
-    def row(self) -> dict[str, Any]:
-        return _row(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +56,6 @@ class RunRecord:
     output_tokens: int
     cost_usd: float
 
-    def row(self) -> dict[str, Any]:
-        return _row(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +68,6 @@ class ConnectionRecord:
     close_code: int
     closed_by: str
 
-    def row(self) -> dict[str, Any]:
-        return _row(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +80,6 @@ class RequestRecord:
     duration_ms: float
     user_id: str
 
-    def row(self) -> dict[str, Any]:
-        return _row(self)
 
 
 Record = LLMCallRecord | ToolCallRecord | RunRecord | ConnectionRecord | RequestRecord
