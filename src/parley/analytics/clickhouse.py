@@ -7,7 +7,6 @@ All methods are blocking; the sink calls them on a thread of its own, never on t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 import time
 from collections.abc import Sequence
@@ -26,9 +25,14 @@ log = get_logger("parley.analytics")
 _DATETIME_INPUT = {"date_time_input_format": "best_effort"}
 
 
-@functools.cache
-def _columns(record_type: Any) -> tuple[str, ...]:
-    return tuple(field.name for field in dataclasses.fields(record_type))
+_COLUMNS: dict[type, tuple[str, ...]] = {}
+
+
+def _columns(record_type: type) -> tuple[str, ...]:
+    columns = _COLUMNS.get(record_type)
+    if columns is None:
+        columns = _COLUMNS[record_type] = tuple(field.name for field in dataclasses.fields(record_type))
+    return columns
 
 
 class ClickHouseStore:
