@@ -16,7 +16,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import WebSocketRoute
 
 from parley import __version__
 from parley.agents.assistant import Assistant
@@ -58,7 +57,7 @@ from parley.observability.slo import SLOTracker
 from parley.observability.telemetry import Telemetry
 from parley.realtime.bus import InProcessEventBus
 from parley.realtime.component import AgentBridge, RealtimeServices
-from parley.realtime.endpoint import websocket_endpoint
+from parley.realtime.endpoint import WebSocketRouteMiddleware
 from parley.realtime.event_log import EventLog
 from parley.realtime.event_store import EventStore
 from parley.realtime.hub import ConnectionHub
@@ -202,8 +201,6 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
     app.include_router(observability_router)
     app.include_router(web_router)
     app.mount("/static", static_files(), name="static")
-    # A plain Starlette route: FastAPI's dependency machinery would cost ~8 KiB per open connection.
-    app.router.routes.append(WebSocketRoute("/ws", websocket_endpoint))
 
     # Added innermost first: the security headers wrap everything, including the last-resort error answer.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
@@ -214,6 +211,8 @@ def create_app(settings: Settings | None = None, on_fatal: Callable[[str], None]
                            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "Retry-After"], max_age=600)
+    # `/ws` goes straight to its endpoint, past the HTTP-only layers that would wrap every frame it sends.
+    app.add_middleware(WebSocketRouteMiddleware, path="/ws")
     app.add_middleware(SecurityHeadersMiddleware, hsts_max_age_s=settings.hsts_max_age_s)
     return app
 

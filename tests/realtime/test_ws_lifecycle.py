@@ -538,7 +538,7 @@ async def test_slow_reader_overflow_requests_one_1008_close_and_never_queues_pas
     longest = 0
     for n in range(1000):  # a thread's events keep coming while the client reads nothing
         accepted += connection.send(f"event {n}")
-        longest = max(longest, len(connection._queue))  # what the connection holds in memory for this client
+        longest = max(longest, connection.queued)  # what the connection holds in memory for this client
     assert longest <= queue_max
     assert accepted == queue_max
     assert state_of(connection) is ConnectionState.CLOSING

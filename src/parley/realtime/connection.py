@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -56,11 +55,13 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.closed_by: str | None = None  # "server" or "client"
-        self._queue: deque[str] = deque()
+        # Idle connections are the common case, so what each holds is kept small: a plain list for the queue,
+        # and futures made only while someone actually waits (an asyncio.Event carries a deque of its own).
+        self._queue: list[str] = []  # queued, not yet taken by the writer
+        self._queued = 0  # queued plus taken by the writer and not yet handed to the socket: the bound
         self._queue_max = queue_max
-        self._wakeup = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
+        self._wake: asyncio.Future[None] | None = None  # the idle writer waits on it
+        self._room_waiters: list[asyncio.Future[None]] = []  # replays waiting for the queue to drain
         self._writer: asyncio.Task[None] | None = None
         self._on_closed = on_closed
         self.send_timeout_s = send_timeout_s
@@ -92,53 +93,92 @@ class Connection:
         return "parley.v1" if "parley.v1" in offered else None
 
     # --- sending -------------------------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Messages queued for this client and not yet handed to the socket (the bound applies to these)."""
+        return self._queued
+
     def send(self, text: str) -> bool:
         """Queues a message without waiting. A full queue means the client is too slow: it is disconnected."""
         if self.state is not ConnectionState.OPEN:
             return False
-        if len(self._queue) >= self._queue_max:
+        if self._queued >= self._queue_max:
             log.warning("ws_slow_client_disconnected", connection_id=self.id, user_id=self.user_id,
-                        queued=len(self._queue))
+                        queued=self._queued)
             self.close(CLOSE_POLICY, "client too slow; resubscribe with after_seq")
             return False
         self._queue.append(text)
-        if len(self._queue) >= self._queue_max:
-            self._room.clear()
-        self._wakeup.set()
+        self._queued += 1
+        self._wake_writer()
         return True
 
     async def send_when_room(self, text: str) -> bool:
         """Queues a message, first waiting for room (replays use this: a backlog is not a slow client)."""
-        while self.state is ConnectionState.OPEN and len(self._queue) >= self._queue_max:
-            self._room.clear()
-            await self._room.wait()
+        while self.state is ConnectionState.OPEN and self._queued >= self._queue_max:
+            waiter = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._room_waiters.remove(waiter)
         return self.send(text)
 
+    def _wake_writer(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _make_room(self) -> None:
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                while self._queue and (self.state is ConnectionState.OPEN or self._flushing()):
-                    text = self._queue.popleft()
-                    if len(self._queue) < self._queue_max:
-                        self._room.set()
-                    try:
-                        async with asyncio.timeout(self.send_timeout_s):
-                            await self.websocket.send_text(text)
-                    except SEND_FAILED as exc:
-                        self._client_gone(None)
-                        if isinstance(exc, TimeoutError):
-                            self._wake_reader()  # the client stopped reading; it will not speak either
-                        return
-                    self.sent += 1
-                if self.state is ConnectionState.CLOSING:
+                if not self._queue and self.state is ConnectionState.OPEN:
+                    self._wake = loop.create_future()
+                    await self._wake
+                    self._wake = None
+                sending = self._queue and (self.state is ConnectionState.OPEN or self._flushing())
+                if sending and not await self._send_burst(loop):
+                    return
+                if self.state is ConnectionState.CLOSING and not (self._queue and self._flushing()):
                     await self._send_close()
                     return
                 if self.state is ConnectionState.CLOSED:
                     return
         finally:
-            self._room.set()
+            self._make_room()
+
+    async def _send_burst(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Sends what is queued. One timeout covers the burst, pushed back as sends complete (at most every
+        quarter of `send_timeout_s`, so the per-frame path stays cheap): a client that takes in nothing for
+        `send_timeout_s` is let go. Returns False when the client is gone."""
+        burst, self._queue = self._queue, []
+        timeout = self.send_timeout_s
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                pushed = loop.time()
+                for text in burst:
+                    if self.state is not ConnectionState.OPEN and not self._flushing():
+                        break  # closed meanwhile: what is left is not sent
+                    self._queued -= 1  # the frame in flight is the transport's now, as before a queue
+                    if self._room_waiters and self._queued < self._queue_max:
+                        self._make_room()
+                    await self.websocket.send_text(text)
+                    self.sent += 1
+                    if timeout is not None and (now := loop.time()) - pushed > timeout / 4:
+                        deadline.reschedule(now + timeout)
+                        pushed = now
+        except SEND_FAILED as exc:
+            self._client_gone(None)
+            if isinstance(exc, TimeoutError):
+                self._wake_reader()  # the client stopped reading; it will not speak either
+            return False
+        return True
 
     # --- closing -------------------------------------------------------------------------------------------
     def close(self, code: int = CLOSE_NORMAL, reason: str = "", flush: bool = False) -> None:
@@ -153,8 +193,12 @@ class Connection:
         self.close_code, self.close_reason, self.closed_by = code, reason, "server"
         self._flush_on_close = flush
         if not flush:
-            self._queue.clear()
-        self._wakeup.set()
+            self._drop_queue()
+        self._wake_writer()
+
+    def _drop_queue(self) -> None:
+        self._queue = []
+        self._queued = 0
 
     def _flushing(self) -> bool:
         return self.state is ConnectionState.CLOSING and self._flush_on_close
@@ -182,9 +226,9 @@ class Connection:
             return
         self.state = ConnectionState.CLOSED
         self.close_code, self.close_reason, self.closed_by = code, reason, by
-        self._queue.clear()
-        self._wakeup.set()
-        self._room.set()
+        self._drop_queue()
+        self._wake_writer()
+        self._make_room()
         if self._on_closed is not None:
             self._on_closed(self)
 

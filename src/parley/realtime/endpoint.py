@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from parley.analytics.records import ConnectionRecord
-from parley.auth.ratelimit import SlidingWindowLimiter
+from parley.auth.ratelimit import SlidingWindowCounter
 from parley.auth.tokens import Principal
 from parley.clock import rfc3339, utcnow
 from parley.errors import ParleyError, Unauthorized
@@ -59,6 +60,26 @@ async def _authenticate(websocket: WebSocket, services: AppServices) -> tuple[Pr
             user = await services.auth.redeem_ws_ticket(session, ticket[:512])
         return Principal(user_id=user.id, role=user.role, token_id="ticket"), selected
     raise Unauthorized("Authenticate with a bearer token (header or subprotocol) or a ticket.")
+
+
+class WebSocketRouteMiddleware:
+    """Takes WebSocket scopes for `path` straight to the endpoint, past the layers inside it.
+
+    Those layers are HTTP's (request log, body limit, CORS, FastAPI's routing and exception handling): for a
+    WebSocket they do nothing after the handshake, yet each would wrap every frame sent for the connection's
+    whole life and hold memory for it. Installed just inside the security headers middleware, which still
+    sees every message, so a refused handshake's HTTP response carries its headers like any other.
+    """
+
+    def __init__(self, app: ASGIApp, path: str) -> None:
+        self.app = app
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == self.path:
+            await websocket_endpoint(WebSocket(scope, receive, send))
+        else:
+            await self.app(scope, receive, send)
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -123,8 +144,8 @@ async def _read_loop(websocket: WebSocket, connection: Connection, session: Clie
     router = services.realtime.router
     per_minute = services.settings.ws_messages_per_minute
     # Over the limit a message is answered with an error; at twice the limit the connection is closed.
-    soft = SlidingWindowLimiter(per_minute, 60.0, max_keys=1)
-    hard = SlidingWindowLimiter(per_minute * 2, 60.0, max_keys=1)
+    soft = SlidingWindowCounter(per_minute, 60.0)
+    hard = SlidingWindowCounter(per_minute * 2, 60.0)
     # The writer wakes (cancels) this task if it lets the client go while we wait for it to speak.
     connection.reader = asyncio.current_task()
     try:
@@ -135,10 +156,10 @@ async def _read_loop(websocket: WebSocket, connection: Connection, session: Clie
                 return
             if connection.state is not ConnectionState.OPEN:
                 return  # closing: whatever the client still says is not answered
-            if hard.hit("messages") is not None:
+            if hard.hit() is not None:
                 connection.close(CLOSE_RATE_LIMITED, "too many messages")
                 return
-            if soft.hit("messages") is not None:
+            if soft.hit() is not None:
                 session.send_error("rate_limited", "Too many messages; slow down.", request_id_of(_frame(message)))
                 continue
             await _handle_frame(_frame(message), connection, session, router)
