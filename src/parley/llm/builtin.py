@@ -16,6 +16,7 @@ Content that is JSON without an `ok` key is read as a successful result; content
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
 import time
@@ -179,10 +180,16 @@ def prompt_tokens(request: LLMRequest) -> int:
     """An approximation of the prompt's size in tokens: its words, tool calls and tool descriptions included."""
     words = 0
     for message in request.messages:
-        words += len(message.content.split())
-        words += sum(len(f"{call.name} {call.arguments}".split()) for call in message.tool_calls)
-    words += sum(len(f"{spec.name} {spec.description}".split()) for spec in request.tools)
+        words += _word_count(message.content)
+        words += sum(_word_count(f"{call.name} {call.arguments}") for call in message.tool_calls)
+    words += sum(_word_count(f"{spec.name} {spec.description}") for spec in request.tools)
     return words
+
+
+@functools.lru_cache(maxsize=4096)
+def _word_count(text: str) -> int:
+    """Cached: a thread's history is counted again on every call, mostly the same strings."""
+    return len(text.split())
 
 
 # --- reading the conversation ---------------------------------------------------------------------------------

@@ -15,11 +15,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, Table, bindparam, insert, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from parley.clock import rfc3339
 from parley.realtime.events import StoredEvent
-from parley.storage.database import Database
+from parley.storage.database import JSON_CODEC, Database
 from parley.storage.models import Message, Run, RunEvent, Thread
 
 if TYPE_CHECKING:
@@ -45,6 +46,15 @@ _RESERVE_WITH_MESSAGES = _RESERVE.values(message_count=THREADS.c.message_count +
                                          last_message_at=bindparam("b_now"), updated_at=bindparam("b_now"))
 _RESERVE_OWNED_WITH_MESSAGES = _RESERVE_WITH_MESSAGES.where(THREADS.c.user_id == bindparam("b_owner"))
 _INSERT_EVENTS, _INSERT_MESSAGES, _INSERT_RUNS = insert(EVENTS), insert(MESSAGES), insert(RUNS)
+_EVENT_COLUMNS = ("thread_id", "seq", "run_id", "type", "payload", "created_at")
+# Events are most of what a batch writes. On SQLite they go to the DB-API cursor as tuples (one executemany,
+# inside the transaction SQLAlchemy began), with the values bound exactly as the column types would bind
+# them: the same JSON codec, and the timestamp through the column type's own bind processor once per batch.
+# This skips SQLAlchemy's per-row parameter processing, which was half the event-store thread's time.
+_SQLITE_EVENTS_COMPILED = _INSERT_EVENTS.compile(dialect=sqlite.dialect(), column_keys=list(_EVENT_COLUMNS))
+assert tuple(_SQLITE_EVENTS_COMPILED.positiontup or ()) == _EVENT_COLUMNS  # the tuples' order below
+_SQLITE_INSERT_EVENTS = str(_SQLITE_EVENTS_COMPILED)
+_json_text: Callable[[Any], str] = JSON_CODEC["json_serializer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +129,13 @@ def _insert(connection: Connection, batch: Sequence[WriteRequest], numbered: lis
     messages = [row for request in batch for row in request.messages]
     if messages:
         connection.execute(_INSERT_MESSAGES, messages)
-    rows = [{"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type, "payload": e.payload,
-             "created_at": e.created_at} for stored in numbered for e in stored]
-    if rows:
-        connection.execute(_INSERT_EVENTS, rows)
+    events = [e for stored in numbered for e in stored]
+    if events and connection.dialect.name == "sqlite":
+        _insert_events_sqlite(connection, events)
+    elif events:
+        connection.execute(_INSERT_EVENTS, [
+            {"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type, "payload": e.payload,
+             "created_at": e.created_at} for e in events])
     changes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for request in batch:
         for change in request.run_changes:
@@ -130,6 +143,22 @@ def _insert(connection: Connection, batch: Sequence[WriteRequest], numbered: lis
                 {"b_run_id": change.run_id, **{f"b_{k}": v for k, v in change.values.items()}})
     for columns, params in changes.items():
         connection.execute(_run_update(columns), params)
+
+
+def _insert_events_sqlite(connection: Connection, events: list[StoredEvent]) -> None:
+    bind_time = EVENTS.c.created_at.type.bind_processor(connection.dialect)
+    stamps: dict[datetime, Any] = {}  # a batch shares one timestamp
+    rows = []
+    for e in events:
+        stamp = stamps.get(e.created_at)
+        if stamp is None:
+            stamp = stamps[e.created_at] = bind_time(e.created_at) if bind_time is not None else e.created_at
+        rows.append((e.thread_id, e.seq, e.run_id, e.type, _json_text(e.payload), stamp))
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.executemany(_SQLITE_INSERT_EVENTS, rows)
+    finally:
+        cursor.close()
 
 
 _RUN_UPDATES: dict[tuple[str, ...], Any] = {}
