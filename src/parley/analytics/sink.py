@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +27,16 @@ from parley.observability.logging import describe, get_logger
 log = get_logger("parley.analytics")
 
 T = TypeVar("T")
+
+
+# Analytics is background work: its threads run this much nicer than the event loop's, so on a busy machine the
+# scheduler serves requests first. chDB's own worker threads start from the writer's and inherit its niceness.
+WRITER_NICENESS = 10
+
+
+def _lower_thread_priority() -> None:
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: runs at normal priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
 
 
 class AnalyticsUnavailable(Exception):
@@ -94,10 +106,12 @@ class ClickHouseSink:
         self._full = asyncio.Event()  # the queue holds a whole batch
         self._flushed = asyncio.Event()  # everything recorded so far is written
         self.query_timeout_s = query_timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-analytics")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-analytics",
+                                            initializer=_lower_thread_priority)
         # A server is read on a thread of its own, so a slow insert cannot hold up the usage API; chDB is one
         # engine in this process, so its reads share the writer's thread (and give up after the timeout).
-        self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parley-analytics-read") \
+        self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parley-analytics-read",
+                                          initializer=_lower_thread_priority) \
             if self.backend == "clickhouse" else self._executor
         self._writer: asyncio.Task[None] | None = None
         self._ready = False
