@@ -20,7 +20,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.clock import utcnow
-from parley.errors import NotFound
+from parley.errors import NotFound, ServiceUnavailable
 from parley.health.components import ComponentHealth
 from parley.observability.logging import describe, get_logger
 from parley.realtime.bus import EventBus
@@ -96,7 +96,9 @@ class EventLog:
         Without `wait` it returns at once (after waiting for queue space, the backpressure); the events are
         still stored before anyone is sent them."""
         if self._stopping or self._task is None:
-            raise RuntimeError("the event log is not running")
+            raise ServiceUnavailable("The service is draining; retry shortly." if self._stopping else
+                                     "The service is starting; retry shortly.",
+                                     code="draining" if self._stopping else "starting", retry_after=1)
         if not wait:
             if self._merge_into_tail(request):
                 return []
@@ -111,7 +113,8 @@ class EventLog:
         the next joins it (same order, same commit), sparing a request, a future and a queue slot per event."""
         tail = self._tail
         if tail is None or not _appendable(request) or tail.owner_id != request.owner_id \
-                or len(tail.events) + len(request.events) > MERGE_MAX_EVENTS:
+                or len(tail.events) + len(request.events) > MERGE_MAX_EVENTS \
+                or tail.thread_ids() != request.thread_ids():  # one thread per request: it is stored or not whole
             return False
         assert isinstance(tail.events, list) and isinstance(tail.run_changes, list)
         tail.events.extend(request.events)
@@ -171,7 +174,8 @@ class EventLog:
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():
-                pending.future.set_exception(RuntimeError("the event log stopped before storing this"))
+                pending.future.set_exception(ServiceUnavailable(
+                    "The service stopped before storing this; retry shortly.", code="draining", retry_after=1))
 
     @property
     def backlog(self) -> int:

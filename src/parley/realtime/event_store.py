@@ -45,6 +45,7 @@ _RESERVE_OWNED = _RESERVE.where(THREADS.c.user_id == bindparam("b_owner"))
 _RESERVE_WITH_MESSAGES = _RESERVE.values(message_count=THREADS.c.message_count + bindparam("b_messages"),
                                          last_message_at=bindparam("b_now"), updated_at=bindparam("b_now"))
 _RESERVE_OWNED_WITH_MESSAGES = _RESERVE_WITH_MESSAGES.where(THREADS.c.user_id == bindparam("b_owner"))
+_SET_LAST_SEQ = update(THREADS).where(THREADS.c.id == bindparam("b_thread")).values(last_seq=bindparam("b_last"))
 _INSERT_EVENTS, _INSERT_MESSAGES, _INSERT_RUNS = insert(EVENTS), insert(MESSAGES), insert(RUNS)
 _EVENT_COLUMNS = ("thread_id", "seq", "run_id", "type", "payload", "created_at")
 # Events are most of what a batch writes. On SQLite they go to the DB-API cursor as tuples (one executemany,
@@ -68,6 +69,8 @@ def write_batch(connection: Connection, batch: Sequence[WriteRequest], now: date
     bases = _reserve(connection, batch, now)
     gone = {key for key, base in bases.items() if base is None}
     accepted = [request for request in batch if not _keys(request) & gone]
+    if len(accepted) < len(batch):
+        _release_unused(connection, batch, accepted, bases)
     numbered = _number(accepted, bases, now)
     _insert(connection, accepted, numbered)
     by_request = dict(zip(map(id, accepted), numbered, strict=True))
@@ -81,13 +84,11 @@ def _keys(request: WriteRequest) -> set[ThreadKey]:
 def _reserve(connection: Connection, batch: Sequence[WriteRequest], now: datetime) -> dict[ThreadKey, int | None]:
     """Moves each touched thread's counters in one UPDATE per thread (and claimed owner), returning the seq
     before this batch; None where the thread does not exist or is not the claimed owner's."""
-    events: dict[ThreadKey, int] = defaultdict(int)
+    events = _event_counts(batch)
     messages: dict[ThreadKey, int] = defaultdict(int)
     keys: set[ThreadKey] = set()
     for request in batch:
         keys.update(_keys(request))
-        for event in request.events:
-            events[event.thread_id, request.owner_id] += 1
         for row in request.messages:
             messages[row["thread_id"], request.owner_id] += 1
     bases: dict[ThreadKey, int | None] = {}
@@ -104,6 +105,25 @@ def _reserve(connection: Connection, batch: Sequence[WriteRequest], now: datetim
         last = connection.execute(statement, params).scalar_one_or_none()
         bases[key] = None if last is None else last - events[key]
     return bases
+
+
+def _release_unused(connection: Connection, batch: Sequence[WriteRequest], accepted: Sequence[WriteRequest],
+                    bases: dict[ThreadKey, int | None]) -> None:
+    """A request left out for one thread may have reserved numbers in another (a request spanning threads):
+    those are given back, so a thread's seq never skips a number."""
+    reserved, used = _event_counts(batch), _event_counts(accepted)
+    for key, count in reserved.items():
+        base = bases.get(key)
+        if base is not None and used.get(key, 0) != count:
+            connection.execute(_SET_LAST_SEQ, {"b_thread": key[0], "b_last": base + used.get(key, 0)})
+
+
+def _event_counts(batch: Sequence[WriteRequest]) -> dict[ThreadKey, int]:
+    counts: dict[ThreadKey, int] = defaultdict(int)
+    for request in batch:
+        for event in request.events:
+            counts[event.thread_id, request.owner_id] += 1
+    return counts
 
 
 def _number(batch: Sequence[WriteRequest], bases: dict[ThreadKey, int | None],
@@ -183,18 +203,21 @@ class EventStore:
             if self._sync_engine is not None else None
         self._sync_connection: Connection | None = None
         self._async_connection: AsyncConnection | None = None
+        # The writer's batches and the sweeper's guarded writes share the one connection: one at a time.
+        self._lock = asyncio.Lock()
 
     async def transaction(self, work: Callable[[Connection], T]) -> T:
         """Runs `work` in one transaction and commits; a failure rolls back and drops the connection."""
-        try:
-            if self._thread is not None:
-                return await asyncio.get_running_loop().run_in_executor(self._thread, self._in_thread, work)
-            connection = await self._connection()
-            async with connection.begin():
-                return await connection.run_sync(work)
-        except Exception:
-            await self._drop_connection()
-            raise
+        async with self._lock:
+            try:
+                if self._thread is not None:
+                    return await asyncio.get_running_loop().run_in_executor(self._thread, self._in_thread, work)
+                connection = await self._connection()
+                async with connection.begin():
+                    return await connection.run_sync(work)
+            except Exception:
+                await self._drop_connection()
+                raise
 
     def _in_thread(self, work: Callable[[Connection], T]) -> T:
         assert self._sync_engine is not None

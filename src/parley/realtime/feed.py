@@ -20,6 +20,7 @@ from parley.storage.database import is_database_unavailable
 log = get_logger("parley.feed")
 
 REPLAY_PAGE = 500
+GAP_RECHECK_S = 0.5
 
 ReadEvents = Callable[[str, int, int], Awaitable[list[StoredEvent]]]  # (thread_id, after_seq, limit)
 LiveSink = Callable[[StoredEvent], bool]  # must not block; False when the receiver cannot take more
@@ -75,6 +76,21 @@ class ThreadFeed:
             self.state = FeedState.REPLAYING
             self._start_replay()
 
+    async def _gap_confirmed(self) -> bool:
+        """The log holds a later event but not the next one. Numbers are reserved and stored in one
+        transaction, so a missing one never arrives: after one more look, the feed moves past it (saying so)
+        rather than wait forever. Returns True once the feed has moved on."""
+        await asyncio.sleep(GAP_RECHECK_S)
+        if self._closed():
+            return False
+        again = await self._read(self.thread_id, self.last_seq, 1)
+        if not again or again[0].seq == self.last_seq + 1:
+            return False  # the next one is there after all
+        log.error("event_log_gap_skipped", thread_id=self.thread_id, missing_from=self.last_seq + 1,
+                  missing_to=again[0].seq - 1)
+        self.last_seq = again[0].seq - 1
+        return True
+
     def _start_replay(self) -> None:
         self._replay = asyncio.create_task(self._replay_from_log(), name=f"feed-replay-{self.thread_id}")
 
@@ -83,6 +99,8 @@ class ThreadFeed:
         while self.state is FeedState.REPLAYING:
             try:
                 events = await self._read(self.thread_id, self.last_seq, REPLAY_PAGE)
+                if events and events[0].seq > self.last_seq + 1 and not await self._gap_confirmed():
+                    continue
             except Exception as exc:
                 if not is_database_unavailable(exc):  # retrying cannot cure it: say so and stop
                     log.error("feed_replay_failed", thread_id=self.thread_id, reason=describe(exc))
@@ -96,15 +114,21 @@ class ThreadFeed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            gap = False
             for event in events:
-                if event.seq != self.last_seq + 1:
+                if event.seq <= self.last_seq:
                     continue
+                if event.seq != self.last_seq + 1:
+                    gap = True  # the next read starts at it, and `_gap_confirmed` decides
+                    break
                 if self._closed():
                     return
                 self.last_seq = event.seq
                 if not await self._replay_sink(event):
                     self.close()
                     return
+            if gap:
+                continue
             if len(events) < REPLAY_PAGE and self.last_seq >= self._high_water:
                 if self.state is FeedState.REPLAYING:
                     self.state = FeedState.LIVE  # no await since the check: nothing slipped in between

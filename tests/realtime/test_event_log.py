@@ -1,0 +1,138 @@
+"""The event log against a real database: a thread's seq never skips a number, whatever a batch holds, and a
+feed that meets a gap anyway moves past it instead of spinning."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import delete, select
+
+from parley.realtime.bus import InProcessEventBus
+from parley.realtime.event_log import EventLog, ThreadGone, WriteRequest
+from parley.realtime.event_store import EventStore, write_batch
+from parley.realtime.events import EventType, NewEvent, StoredEvent
+from parley.realtime.feed import FeedState, ThreadFeed
+from parley.storage.database import Database
+from parley.storage.migrate import upgrade
+from parley.storage.models import RunEvent, Thread, User
+from tests.conftest import SettingsFactory
+
+MOMENT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+OWNER = "user-owner"
+
+
+@dataclass
+class World:
+    database: Database
+    log: EventLog
+
+
+@pytest.fixture
+async def world(make_settings: SettingsFactory) -> AsyncIterator[World]:
+    settings = make_settings()
+    database = Database(settings)
+    await upgrade(database)
+    async with database.session() as session, session.begin():
+        session.add(User(id=OWNER, email="owner@example.com", password_hash="x", display_name="owner",
+                         role="user", created_at=MOMENT, thread_count=0))
+        await session.flush()
+        for thread_id in ("thread-x", "thread-y"):
+            session.add(Thread(id=thread_id, user_id=OWNER, title=thread_id, meta={}, created_at=MOMENT,
+                               updated_at=MOMENT, message_count=0, last_seq=0))
+    bus = InProcessEventBus()
+    await bus.start()
+    log = EventLog(EventStore(Database(settings, pool_size=1, max_overflow=1)), bus, batch_max=100,
+                   queue_max=1000)
+    await log.start()
+    yield World(database, log)
+    await log.stop(5)
+    await database.dispose()
+
+
+def delta(thread_id: str, text: str) -> NewEvent:
+    return NewEvent(thread_id, "run-1", EventType.AGENT_DELTA, {"text": text})
+
+
+async def stored_seqs(world: World, thread_id: str) -> list[int]:
+    async with world.database.session() as session:
+        return list(await session.scalars(
+            select(RunEvent.seq).where(RunEvent.thread_id == thread_id).order_by(RunEvent.seq)))
+
+
+async def last_seq(world: World, thread_id: str) -> int:
+    async with world.database.session() as session:
+        return int(await session.scalar(select(Thread.last_seq).where(Thread.id == thread_id)) or 0)
+
+
+async def delete_thread(world: World, thread_id: str) -> None:
+    async with world.database.session() as session, session.begin():
+        await session.execute(delete(Thread).where(Thread.id == thread_id))
+
+
+async def test_queued_writes_of_two_threads_are_stored_apart_when_one_thread_is_gone(world: World) -> None:
+    """Fire-and-forget writes join a request still waiting in the queue, but only one of the same thread:
+    a deleted thread's events fail alone and never take another thread's with them, or leave it a gap."""
+    await delete_thread(world, "thread-y")
+    # As a run emits them (lists, so a queued request can take in the next), with no await between these that
+    # yields to the writer: all three wait in the queue together.
+    for thread_id, text in (("thread-x", "a"), ("thread-y", "lost"), ("thread-x", "b")):
+        await world.log.write(WriteRequest(events=[delta(thread_id, text)], run_changes=[], owner_id=OWNER),
+                              wait=False)
+    stored = await world.log.write(WriteRequest(events=[delta("thread-x", "c")], owner_id=OWNER))
+
+    assert [event.seq for event in stored] == [3]
+    assert await stored_seqs(world, "thread-x") == [1, 2, 3]
+    assert await last_seq(world, "thread-x") == 3
+
+
+async def test_a_request_spanning_a_gone_thread_gives_back_the_numbers_it_reserved(world: World) -> None:
+    await delete_thread(world, "thread-y")
+    spanning = WriteRequest(events=[delta("thread-x", "1"), delta("thread-y", "2"), delta("thread-x", "3")],
+                            owner_id=OWNER)
+    alone = WriteRequest(events=[delta("thread-x", "4")], owner_id=OWNER)
+
+    result = await world.log.store.transaction(lambda connection: write_batch(connection, [spanning, alone],
+                                                                                datetime.now(UTC)))
+
+    assert result.stored[0] is None  # left out whole
+    assert [event.seq for event in result.stored[1] or []] == [1]
+    assert await stored_seqs(world, "thread-x") == [1]
+    assert await last_seq(world, "thread-x") == 1  # not 3: the left-out request's two numbers went back
+    with pytest.raises(ThreadGone):
+        await world.log.write(WriteRequest(events=[delta("thread-y", "x")], owner_id=OWNER))
+    stored = await world.log.write(WriteRequest(events=[delta("thread-x", "5")], owner_id=OWNER))
+    assert [event.seq for event in stored] == [2]
+
+
+async def test_a_feed_moves_past_a_gap_in_the_log_instead_of_spinning() -> None:
+    """Should the log ever hold a gap (it cannot by construction), a feed reads again once, then skips it."""
+    log_events = [StoredEvent.make("t", seq, "r", "agent_delta", {"text": str(seq)}, MOMENT) for seq in (1, 2, 5, 6)]
+    reads = 0
+
+    async def read(thread_id: str, after_seq: int, limit: int) -> list[StoredEvent]:
+        nonlocal reads
+        reads += 1
+        return [event for event in log_events if event.seq > after_seq][:limit]
+
+    received: list[int] = []
+
+    async def replayed(event: StoredEvent) -> bool:
+        received.append(event.seq)
+        return True
+
+    feed = ThreadFeed("t", 0, read, lambda event: True, replayed)
+    bus = InProcessEventBus()
+    await bus.start()
+    await feed.start(bus)
+    for _ in range(100):
+        if feed.state is FeedState.LIVE:
+            break
+        await asyncio.sleep(0.05)
+    assert feed.state is FeedState.LIVE
+    assert received == [1, 2, 5, 6]
+    assert reads <= 5  # a handful of reads, not a loop hammering the database
+    feed.close()
