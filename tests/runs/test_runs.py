@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -141,6 +142,20 @@ def test_on_busy_reject_interrupt_and_enqueue(server: LiveServer, http: httpx.Cl
         else:
             assert open_run == run_id, order
             open_run = None
+
+
+def test_concurrent_rejecting_messages_start_one_run(server: LiveServer, http: httpx.Client) -> None:
+    """`on_busy=reject` sent several times at once to an idle thread: exactly one is accepted."""
+    account = register(http)
+    thread_id = new_thread(http, account)
+
+    def send(index: int) -> int:
+        with httpx.Client(base_url=server.url, timeout=30) as own:
+            return post(own, account, thread_id, f"go {index}", agent="short_sleeper", on_busy="reject").status_code
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = sorted(pool.map(send, range(6)))
+    assert statuses == [202] + [409] * 5, statuses
 
 
 def http_events(http: httpx.Client, account: Account, thread_id: str, runs: int) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,7 +44,7 @@ from parley.ids import new_id
 from parley.llm.base import ChatMessage, LLMError, LLMProvider, Usage
 from parley.observability.logging import get_logger
 from parley.realtime.bus import EventBus
-from parley.realtime.event_log import EventLog, RunChange, WriteRequest
+from parley.realtime.event_log import EventLog, RunChange, ThreadGone, WriteRequest
 from parley.realtime.events import EventType, NewEvent
 from parley.settings import Settings
 from parley.storage.database import Database
@@ -98,6 +99,8 @@ class _LocalRun:
     task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
     interrupted: bool = False  # cancelled by shutdown, not by a user
+    started: bool = False  # its task has taken its first step (cancelling before that would skip its cleanup)
+    finishing: bool = False  # its terminal event is being stored: too late to cancel
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -116,6 +119,10 @@ class RunManager:
         self.telemetry = telemetry
         self.prices = prices
         self._local: dict[str, _LocalRun] = {}
+        # Submissions between their first check and their launch, per user and per thread: counted with the
+        # launched runs, so concurrent requests cannot all pass a limit or a busy check that each alone would not.
+        self._submitting: Counter[str] = Counter()
+        self._submitting_threads: Counter[tuple[str, str]] = Counter()  # (user, thread)
         self._thread_tail: dict[str, asyncio.Future[None]] = {}
         self._user_slots: dict[str, asyncio.Semaphore] = {}
         self.history = HistoryCache()
@@ -133,6 +140,22 @@ class RunManager:
         it belongs to `user_id`): a thread that is not the user's is `ThreadGone`, a 404. Ends the caller's
         transaction before waiting for the event log, so no pooled connection is held idle."""
         agent_name = self.validate(content, agent, is_admin)
+        if on_busy == "reject" and self._submitting_threads[user_id, thread_id]:
+            raise RunInProgress()  # another message to this thread is being submitted right now
+        if sum(1 for run in self._local.values() if run.user_id == user_id) + self._submitting[user_id] >= \
+                self.settings.max_queued_runs_per_user:
+            raise RateLimited("Too many runs are waiting; retry when some have finished.", retry_after=5)
+        self._submitting[user_id] += 1
+        self._submitting_threads[user_id, thread_id] += 1
+        try:
+            return await self._submit(session, thread_id, user_id, content, agent_name, on_busy, client_message_id,
+                                      request_id, is_admin)
+        finally:
+            _release(self._submitting, user_id)
+            _release(self._submitting_threads, (user_id, thread_id))
+
+    async def _submit(self, session: AsyncSession, thread_id: str, user_id: str, content: str, agent_name: str,
+                      on_busy: str, client_message_id: str | None, request_id: str, is_admin: bool) -> Submission:
         if client_message_id is not None:
             existing = await self._existing_submission(session, thread_id, user_id, client_message_id)
             if existing is not None:
@@ -141,9 +164,6 @@ class RunManager:
         unfinished = await self._unfinished_run_ids(session, thread_id, user_id) if on_busy != "enqueue" else []
         if unfinished and on_busy == "reject":
             raise RunInProgress()
-        if sum(1 for run in self._local.values() if run.user_id == user_id) >= \
-                self.settings.max_queued_runs_per_user:
-            raise RateLimited("Too many runs are waiting; retry when some have finished.", retry_after=5)
         await session.commit()
         if on_busy == "interrupt":
             for run_id in unfinished:
@@ -241,10 +261,12 @@ class RunManager:
 
     def _cancel_local(self, run_id: str, reason: str, interrupted: bool = False) -> None:
         local = self._local.get(run_id)
-        if local is None or local.task is None or local.task.done() or local.cancel_reason is not None:
+        if local is None or local.task is None or local.task.done() or local.cancel_reason is not None \
+                or local.finishing:
             return
         local.cancel_reason, local.interrupted = reason, interrupted
-        local.task.cancel()
+        if local.started:  # else its first step sees the reason and ends the run cancelled
+            local.task.cancel()
 
     async def _on_control(self, message: dict[str, Any]) -> None:
         if message.get("type") == "cancel_run" and message.get("run_id") in self._local:
@@ -258,8 +280,11 @@ class RunManager:
         state = _RunState(llm=MeteredLLM(self.llm, ctx, self.telemetry, self.prices))
         # This task's own log context: every line it (or a tool) writes can be followed by run_id.
         structlog.contextvars.bind_contextvars(**ctx.log_fields(), agent=ctx.agent)
+        local.started = True
         try:
             try:
+                if local.cancel_reason is not None:
+                    raise asyncio.CancelledError  # cancelled before this task first ran
                 if previous is not None:
                     await asyncio.shield(previous)  # runs of one thread execute in order
                 async with self._user_slot(local.user_id):
@@ -272,20 +297,29 @@ class RunManager:
                     async with asyncio.timeout(self.settings.run_timeout_s):
                         async for event in self._drive(agent, ctx, state.llm):
                             await self._record(ctx, event, state)
+                local.finishing = True
                 await self._finish_completed(ctx, state)
             except asyncio.CancelledError:
                 if local.cancel_reason is None:
                     raise  # not ours: the loop itself is going away
+                local.finishing = True
                 await self._finish_cancelled(ctx, state, local)
+            except ThreadGone:
+                raise  # deleted under the run: nothing left to write to
             except TimeoutError:
+                local.finishing = True
                 await self._finish_error(ctx, state, "run_timeout",
                                          f"The run took longer than {self.settings.run_timeout_s:g} s.", "failed")
             except LLMError as exc:
+                local.finishing = True
                 log.warning("run_llm_failed", code=exc.code, reason=exc.message, **ctx.log_fields())
                 await self._finish_error(ctx, state, exc.code, exc.message, "failed")
             except Exception:  # the run's boundary: log with context, end the run cleanly
+                local.finishing = True
                 log.exception("run_failed", **ctx.log_fields())
                 await self._finish_error(ctx, state, "agent_failed", "The agent failed unexpectedly.", "failed")
+        except ThreadGone:  # the user deleted the thread: its runs, messages and events went with it
+            log.info("run_thread_deleted", **ctx.log_fields())
         except Exception:  # even the terminal event could not be stored; the sweeper will interrupt the run
             log.exception("run_terminal_write_failed", **ctx.log_fields())
         finally:
@@ -439,6 +473,12 @@ class RunManager:
     @property
     def active_runs(self) -> int:
         return len(self._local)
+
+
+def _release(counter: Counter[Any], key: Any) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _message_out(row: dict[str, Any]) -> MessageOut:

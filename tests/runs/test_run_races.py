@@ -1,0 +1,112 @@
+"""Cancellation races inside one process, driven on the test's own event loop against a real database:
+a stop that lands before a run's task first runs, and one that lands while the run stores its answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar
+
+import pytest
+
+from parley.agents.base import AgentEvent, AgentInput, Finished, TextChunk
+from parley.agents.context import UserExecutionContext
+from parley.app import build_services
+from parley.http.deps import AppServices
+from parley.llm.base import Usage
+from parley.realtime.event_log import EventLog
+from parley.threads.repository import ThreadRepository
+from tests.conftest import SettingsFactory
+
+TERMINAL = {"agent_completed", "agent_error", "agent_cancelled"}
+
+
+class StopsItselfAtTheEnd:
+    """Answers at once; after its last event it asks for its own run to be stopped, which lands while the run
+    is storing its terminal event."""
+
+    name: ClassVar[str] = "stops_itself"
+    description: ClassVar[str] = "Asks to be stopped as it finishes."
+    tool_names: ClassVar[tuple[str, ...]] = ()
+    admin_only: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.stop: Callable[[str], Any] | None = None
+
+    async def run(self, ctx: UserExecutionContext, run_input: AgentInput) -> AsyncIterator[AgentEvent]:
+        yield TextChunk("done")
+        yield Finished(Usage(1, 1, "test"))
+        assert self.stop is not None
+        asyncio.get_running_loop().call_soon(self.stop, ctx.run_id)
+
+
+@pytest.fixture
+async def started(make_settings: SettingsFactory) -> AsyncIterator[tuple[AppServices, StopsItselfAtTheEnd]]:
+    agent = StopsItselfAtTheEnd()
+    services = build_services(make_settings(builtin_token_delay_s=0), extra_agents=[agent])
+    runs = services.runs
+    agent.stop = lambda run_id: asyncio.ensure_future(runs.request_cancel(run_id, "stopped by the user"))
+    await services.lifecycle.start()
+    yield services, agent
+    services.lifecycle.begin_drain()
+    await services.lifecycle.stop(10)
+
+
+async def submit(services: AppServices, agent: str | None = None) -> Any:
+    async with services.database.session() as session:
+        user = await services.auth.create_user(session, "racer@example.com", "a-long-password-1")
+        thread = await ThreadRepository(session).create(user.id, None, None)
+        await session.commit()
+        return await services.runs.submit(session, thread.id, user.id, "hello", agent=agent, on_busy="enqueue",
+                                          client_message_id=None, request_id="req-1", is_admin=False)
+
+
+async def run_events(services: AppServices, thread_id: str, run_id: str) -> list[str]:
+    async with services.database.session() as session:
+        events = await EventLog.read(session, thread_id, 0, 1000)
+    return [event.type for event in events if event.run_id == run_id]
+
+
+async def wait_until_idle(services: AppServices) -> None:
+    for _ in range(200):
+        if services.runs.active_runs == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the run never finished")
+
+
+async def test_a_run_stopped_before_its_task_first_runs_still_ends_and_frees_its_thread(
+        started: tuple[AppServices, StopsItselfAtTheEnd]) -> None:
+    services, _ = started
+    submission = await submit(services)
+    run = submission.run
+    services.runs.launch(submission)
+    await services.runs.request_cancel(run.id, "stopped by the user")  # no await in between that would run it
+
+    await wait_until_idle(services)
+    assert await run_events(services, run.thread_id, run.id) == ["agent_started", "agent_cancelled"]
+
+    # The thread is not left waiting behind a run that never ended: the next one runs to completion.
+    async with services.database.session() as session:
+        following = await services.runs.submit(session, run.thread_id, submission.user_id, "what is 1+1",
+                                                agent=None, on_busy="enqueue", client_message_id=None,
+                                                request_id="req-2", is_admin=False)
+    services.runs.launch(following)
+    await wait_until_idle(services)
+    events = await run_events(services, run.thread_id, following.run.id)
+    assert events[0] == "agent_started" and events[-1] == "agent_completed"
+
+
+async def test_a_stop_that_lands_while_the_answer_is_stored_is_too_late(
+        started: tuple[AppServices, StopsItselfAtTheEnd]) -> None:
+    services, _ = started
+    submission = await submit(services, agent="stops_itself")
+    run = submission.run
+    services.runs.launch(submission)
+
+    await wait_until_idle(services)
+    events = await run_events(services, run.thread_id, run.id)
+    assert [e for e in events if e in TERMINAL] == ["agent_completed"]  # one terminal event, never two
+    async with services.database.session() as session:
+        out = await services.runs.cancel(session, submission.user_id, run.id)
+    assert out.status == "completed"
