@@ -121,6 +121,7 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
         login_by_address=SlidingWindowLimiter(settings.login_rate_limit * 5, window, keys),
         login_by_email=SlidingWindowLimiter(settings.login_rate_limit, window, keys),
         register_by_address=SlidingWindowLimiter(settings.register_rate_limit, window, keys),
+        tickets_by_user=SlidingWindowLimiter(settings.ticket_rate_limit, 60.0, keys),
     )
 
     metrics = Metrics()
@@ -150,8 +151,8 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
     bridge = AgentBridge(event_log, runs, hub, deadline_s=settings.shutdown_deadline_s)
 
     # The declared start order: storage, then delivery, then the model, then what accepts work.
-    components: list[Component] = [DatabaseComponent(database, settings), bus, analytics, alerts, LLMComponent(llm),
-                                   bridge]
+    storage = DatabaseComponent(database, settings, housekeeping=[auth.purge_expired])  # expired tokens, tickets
+    components: list[Component] = [storage, bus, analytics, alerts, LLMComponent(llm), bridge]
     lifecycle = Lifecycle(components, on_fatal=on_fatal)
     tools.add(HealthReportTool(lifecycle))  # the one tool that needs the finished lifecycle
     return AppServices(settings=settings, database=database, lifecycle=lifecycle, auth=auth,

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     login_rate_limit: int = Field(default=10, ge=1, le=10_000)
     login_rate_window_s: float = Field(default=300.0, gt=0, le=86400)
     register_rate_limit: int = Field(default=20, ge=1, le=10_000)
+    ticket_rate_limit: int = Field(default=60, ge=1, le=100_000)  # WebSocket/SSE tickets per user per minute
     rate_limit_max_keys: int = Field(default=100_000, ge=100, le=10_000_000)
 
     # --- HTTP ----------------------------------------------------------------------------------------------

@@ -73,5 +73,6 @@ async def me(principal: CurrentUser, session: SessionDep) -> UserOut:
 
 @router.post("/api/ws/ticket", status_code=201)
 async def ws_ticket(principal: CurrentUser, services: ServicesDep, session: SessionDep) -> TicketResponse:
+    _enforce(services.rate_limits.tickets_by_user, principal.user_id)
     ticket, expires_in = await services.auth.create_ws_ticket(session, principal.user_id)
     return TicketResponse(ticket=ticket, expires_in=expires_in)

@@ -38,6 +38,7 @@ class RateLimits:
     login_by_address: RateLimiter
     login_by_email: RateLimiter
     register_by_address: RateLimiter
+    tickets_by_user: RateLimiter
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The process's open WebSocket connections: whether new ones are accepted, how many each user has, and
-closing them all on shutdown."""
+"""The process's open WebSocket connections (whether new ones are accepted, how many each user has, closing
+them all on shutdown) and its SSE streams per user. Each user may hold `max_per_user` of each."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ class ConnectionHub:
         self.accepting = False
         self._connections: dict[str, Connection] = {}
         self._per_user: Counter[str] = Counter()
+        self._streams: Counter[str] = Counter()  # open SSE streams per user
         self.opened = 0
         self.closed_by: Counter[str] = Counter()
 
@@ -36,6 +37,18 @@ class ConnectionHub:
         if self._per_user[connection.user_id] <= 0:
             del self._per_user[connection.user_id]
         self.closed_by[connection.closed_by or "unknown"] += 1
+
+    def open_stream(self, user_id: str) -> bool:
+        """Counts an SSE stream of `user_id`'s; False (nothing counted) when the user has too many."""
+        if self._streams[user_id] >= self.max_per_user:
+            return False
+        self._streams[user_id] += 1
+        return True
+
+    def close_stream(self, user_id: str) -> None:
+        self._streams[user_id] -= 1
+        if self._streams[user_id] <= 0:
+            del self._streams[user_id]
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
         self.accepting = False
