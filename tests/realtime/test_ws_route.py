@@ -1,8 +1,9 @@
 """`/ws` goes straight from the security headers middleware to its endpoint (WebSocketRouteMiddleware), past
-the HTTP-only layers; every other WebSocket path still meets the whole stack and is refused there."""
+the HTTP-only layers; a WebSocket to any other path is refused with a 404 envelope and the security headers."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -29,6 +30,8 @@ def test_ws_answers_and_other_websocket_paths_are_refused(live_server: LiveServe
     for path in ("/ws/", "/wsx", "/ws/other", "/api/threads"):
         with pytest.raises(InvalidStatus) as refused:
             connect(f"{live_server.ws_url}{path}", additional_headers=account.headers, proxy=None, open_timeout=10)
-        assert refused.value.response.status_code in (403, 404), path
-        # The refusal is an HTTP response like any other, so it carries the security headers.
-        assert refused.value.response.headers["x-content-type-options"] == "nosniff", path
+        # The refusal is an HTTP response like any other: a 404 envelope that carries the security headers.
+        response = refused.value.response
+        assert response.status_code == 404, path
+        assert response.headers["x-content-type-options"] == "nosniff", path
+        assert orjson.loads(response.body)["error"]["code"] == "not_found", path

@@ -24,6 +24,8 @@ class LLMComponent:
         health = await self.provider.probe()
         detail = f"{self.provider.name}:{self.provider.model}"
         if not health.ok:
-            return ComponentHealth("unhealthy", latency_ms=health.latency_ms,
-                                   detail=f"{detail} {health.detail or 'not answering'}")
+            # /health is public: the failure's code (llm_rate_limited, llm_auth…), never the provider's own
+            # words, which can name an account or organisation. `parley doctor` shows the whole message.
+            code = (health.extra or {}).get("code") or "not answering"
+            return ComponentHealth("unhealthy", latency_ms=health.latency_ms, detail=f"{detail} {code}")
         return ComponentHealth("healthy", latency_ms=health.latency_ms, detail=detail)

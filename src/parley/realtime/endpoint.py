@@ -21,6 +21,7 @@ from parley.auth.tokens import Principal
 from parley.clock import rfc3339, utcnow
 from parley.errors import ParleyError, Unauthorized
 from parley.http.deps import AppServices, bearer_token, get_services
+from parley.http.errors import error_response
 from parley.ids import new_id
 from parley.observability.logging import describe, get_logger
 from parley.realtime.connection import (
@@ -76,10 +77,16 @@ class WebSocketRouteMiddleware:
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == self.path:
-            await websocket_endpoint(WebSocket(scope, receive, send))
-        else:
+        if scope["type"] != "websocket":
             await self.app(scope, receive, send)
+        elif scope["path"] == self.path:
+            await websocket_endpoint(WebSocket(scope, receive, send))
+        else:  # parley has no other WebSocket route: a 404 like any other, envelope and headers included
+            websocket = WebSocket(scope, receive, send)
+            if "websocket.http.response" in scope.get("extensions", {}):
+                await websocket.send_denial_response(error_response(scope, 404, "not_found", "Not found."))
+            else:
+                await websocket.close()
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
