@@ -81,6 +81,13 @@ class ServiceUnavailable(ParleyError):
     code = "service_unavailable"
     message = "The service is temporarily unavailable."
 
+    @classmethod
+    def not_running(cls, draining: bool) -> ServiceUnavailable:
+        """Work refused because the part that does it is not running yet (`starting`) or any more (`draining`)."""
+        if draining:
+            return cls("The service is draining; retry shortly.", code="draining", retry_after=1)
+        return cls("The service is starting; retry shortly.", code="starting", retry_after=1)
+
 
 class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"

@@ -12,6 +12,7 @@ import pytest
 from parley.agents.base import AgentEvent, AgentInput, Finished, TextChunk
 from parley.agents.context import UserExecutionContext
 from parley.app import build_services
+from parley.errors import ServiceUnavailable
 from parley.http.deps import AppServices
 from parley.llm.base import Usage
 from parley.realtime.event_log import EventLog
@@ -110,3 +111,17 @@ async def test_a_stop_that_lands_while_the_answer_is_stored_is_too_late(
     async with services.database.session() as session:
         out = await services.runs.cancel(session, submission.user_id, run.id)
     assert out.status == "completed"
+
+
+async def test_no_message_is_taken_before_the_orphan_sweep_has_run(make_settings: SettingsFactory) -> None:
+    """Until the run manager has started (its first sweep interrupts the runs a dead process left), and again
+    once it stops, a submission is a 503 `starting`/`draining`, never a run the sweep could take for an orphan."""
+    services = build_services(make_settings())
+    try:
+        async with services.database.session() as session:
+            with pytest.raises(ServiceUnavailable) as refused:
+                await services.runs.submit(session, "thread", "user", "hello", agent=None, on_busy="enqueue",
+                                           client_message_id=None, request_id="req", is_admin=False)
+        assert refused.value.code == "starting" and refused.value.status == 503
+    finally:
+        await services.database.dispose()

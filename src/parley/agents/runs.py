@@ -39,7 +39,7 @@ from parley.analytics.metered import MeteredLLM
 from parley.analytics.pricing import PriceTable
 from parley.analytics.records import Recorder, RunRecord, ToolCallRecord
 from parley.clock import rfc3339, utcnow
-from parley.errors import Conflict, InvalidRequest, NotFound, RateLimited
+from parley.errors import Conflict, InvalidRequest, NotFound, RateLimited, ServiceUnavailable
 from parley.ids import new_id
 from parley.llm.base import ChatMessage, LLMError, LLMProvider, Usage
 from parley.observability.logging import get_logger
@@ -129,6 +129,7 @@ class RunManager:
         event_log.observers.append(self.history.observe)
         self.leases = RunLeases(settings, database, event_log, local_runs=lambda: self._local.keys())
         self._stopping = False
+        self._accepting = False  # from the end of start (after the orphan sweep) until stop
 
     # --- accepting work ------------------------------------------------------------------------------------
     async def submit(self, session: AsyncSession, thread_id: str, user_id: str, content: str, *, agent: str | None,
@@ -139,6 +140,8 @@ class RunManager:
         The thread's ownership is enforced by the write itself (the event log updates the thread row only where
         it belongs to `user_id`): a thread that is not the user's is `ThreadGone`, a 404. Ends the caller's
         transaction before waiting for the event log, so no pooled connection is held idle."""
+        if not self._accepting:
+            raise ServiceUnavailable.not_running(draining=self._stopping)
         agent_name = self.validate(content, agent, is_admin)
         if on_busy == "reject" and self._submitting_threads[user_id, thread_id]:
             raise RunInProgress()  # another message to this thread is being submitted right now
@@ -457,11 +460,13 @@ class RunManager:
     async def start(self) -> None:
         self._stopping = False
         self.bus.on_control(self._on_control)
-        await self.leases.start()
+        await self.leases.start()  # its first sweep must not meet runs submitted meanwhile
+        self._accepting = True
 
     async def stop(self, deadline_s: float) -> None:
         """Interrupts this process's runs, each ending with its terminal event, within the deadline."""
         self._stopping = True
+        self._accepting = False
         await self.leases.stop()
         locals_ = list(self._local.values())
         for local in locals_:

@@ -96,9 +96,7 @@ class EventLog:
         Without `wait` it returns at once (after waiting for queue space, the backpressure); the events are
         still stored before anyone is sent them."""
         if self._stopping or self._task is None:
-            raise ServiceUnavailable("The service is draining; retry shortly." if self._stopping else
-                                     "The service is starting; retry shortly.",
-                                     code="draining" if self._stopping else "starting", retry_after=1)
+            raise ServiceUnavailable.not_running(draining=self._stopping)
         if not wait:
             if self._merge_into_tail(request):
                 return []
