@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from parley.llm.base import ChatMessage, LLMChunk, LLMError, LLMRequest, TextDelta, ToolCall, ToolSpec, Usage
+from parley.llm.component import LLMComponent
 from parley.llm.openai_provider import OpenAIProvider
 from tests.support.fake_openai import (
     MODEL,
@@ -246,6 +247,19 @@ async def test_probe_failure_is_reported_not_raised(fake: FakeOpenAI) -> None:
     assert down.detail is not None and "503" in down.detail
     assert up.ok is True
     assert len(fake.model_requests()) == 2  # the probe makes one attempt; it does not retry
+
+
+async def test_public_health_names_the_failure_not_the_providers_words(fake: FakeOpenAI) -> None:
+    """/health is unauthenticated: the llm component shows the failure's code, never the provider's own
+    message (which can name an account or organisation)."""
+    fake.script_models(ErrorReply(429, "Rate limit reached for org-SECRETORG on requests", headers=FAST_RETRY))
+    llm = make_provider(fake, health_ttl_s=0)
+    health = await LLMComponent(llm).check()
+    await llm.aclose()
+
+    assert health.status == "unhealthy"
+    assert health.detail == f"openai:{MODEL} llm_rate_limited"
+    assert "SECRETORG" not in (health.detail or "")
 
 
 async def test_probe_of_an_unreachable_server_is_not_ok() -> None:
