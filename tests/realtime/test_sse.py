@@ -4,9 +4,12 @@ rate limit; and the hourly housekeeping that deletes expired tokens and tickets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -14,6 +17,10 @@ from sqlalchemy import func, select
 
 from parley.auth.service import AuthService
 from parley.clock import utcnow
+from parley.health.components import Phase
+from parley.realtime.bus import InProcessEventBus
+from parley.realtime.events import StoredEvent
+from parley.realtime.routes import _stream
 from parley.settings import Settings
 from parley.storage.component import DatabaseComponent
 from parley.storage.database import Database
@@ -146,3 +153,35 @@ async def test_housekeeping_deletes_expired_tokens_and_tickets(make_settings: Se
             assert await session.scalar(select(func.count()).select_from(User)) == 1
     finally:
         await component.stop()
+
+
+async def test_a_stream_too_slow_for_its_queue_ends_after_everything_it_was_given() -> None:
+    """A live event that finds the stream's queue full ends the stream; nothing already queued is dropped, so
+    the client's Last-Event-ID is exactly where the next stream must start."""
+
+    class NoLog:  # the log holds nothing older: only live events matter here
+        async def execute(self, *args: object, **kwargs: object) -> list[object]:
+            return []
+
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[NoLog]:
+        yield NoLog()
+
+    bus = InProcessEventBus()
+    await bus.start()
+    services = SimpleNamespace(
+        settings=SimpleNamespace(ws_send_queue_max=4, sse_keepalive_s=15.0),
+        telemetry=SimpleNamespace(run_events=lambda *args: None),
+        database=SimpleNamespace(session=session),
+        realtime=SimpleNamespace(bus=bus),
+        lifecycle=SimpleNamespace(phase=Phase.READY),
+    )
+    stream = _stream(services, "t", 0)  # type: ignore[arg-type]
+    assert await anext(stream) == ": connected\n\n"
+    for _ in range(20):  # the feed's replay of the empty log ends and it goes live
+        await asyncio.sleep(0.01)
+    await bus.publish([StoredEvent.make("t", seq, "r", "agent_delta", {"text": str(seq)}, utcnow())
+                       for seq in range(1, 7)])  # six arrive while the client reads nothing
+
+    received = [chunk async for chunk in stream]
+    assert [int(chunk.split("\n")[0].removeprefix("id: ")) for chunk in received] == [1, 2, 3, 4]
