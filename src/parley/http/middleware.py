@@ -78,16 +78,11 @@ class RequestContextMiddleware:
         self.on_request = on_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] != "http":  # WebSockets never get here: WebSocketRouteMiddleware answers them all
             await self.app(scope, receive, send)
             return
         request_id = _incoming_request_id(scope) or new_id()
         scope.setdefault("state", {})["request_id"] = request_id
-        if scope["type"] == "websocket":
-            with structlog.contextvars.bound_contextvars(request_id=request_id):
-                await self.app(scope, receive, send)
-            return
-
         started = time.perf_counter()
         status = 0
         header = (b"x-request-id", request_id.encode())
