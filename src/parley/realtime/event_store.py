@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Table, bindparam, insert, update
-from sqlalchemy.dialects import sqlite
+from sqlalchemy import Connection, DateTime, Dialect, Engine, Table, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from parley.clock import rfc3339
 from parley.realtime.events import StoredEvent
-from parley.storage.database import JSON_CODEC, Database
+from parley.storage.database import Database
 from parley.storage.models import Message, Run, RunEvent, Thread
+from parley.storage.types import UTCDateTime
 
 if TYPE_CHECKING:
     from parley.realtime.event_log import WriteRequest
@@ -47,15 +47,94 @@ _RESERVE_WITH_MESSAGES = _RESERVE.values(message_count=THREADS.c.message_count +
 _RESERVE_OWNED_WITH_MESSAGES = _RESERVE_WITH_MESSAGES.where(THREADS.c.user_id == bindparam("b_owner"))
 _SET_LAST_SEQ = update(THREADS).where(THREADS.c.id == bindparam("b_thread")).values(last_seq=bindparam("b_last"))
 _INSERT_EVENTS, _INSERT_MESSAGES, _INSERT_RUNS = insert(EVENTS), insert(MESSAGES), insert(RUNS)
-_EVENT_COLUMNS = ("thread_id", "seq", "run_id", "type", "payload", "created_at")
-# Events are most of what a batch writes. On SQLite they go to the DB-API cursor as tuples (one executemany,
-# inside the transaction SQLAlchemy began), with the values bound exactly as the column types would bind
-# them: the same JSON codec, and the timestamp through the column type's own bind processor once per batch.
-# This skips SQLAlchemy's per-row parameter processing, which was half the event-store thread's time.
-_SQLITE_EVENTS_COMPILED = _INSERT_EVENTS.compile(dialect=sqlite.dialect(), column_keys=list(_EVENT_COLUMNS))
-assert tuple(_SQLITE_EVENTS_COMPILED.positiontup or ()) == _EVENT_COLUMNS  # the tuples' order below
-_SQLITE_INSERT_EVENTS = str(_SQLITE_EVENTS_COMPILED)
-_json_text: Callable[[Any], str] = JSON_CODEC["json_serializer"]
+
+
+class _SqliteStatement:
+    """A statement compiled once for the engine's SQLite dialect and run on the DB-API cursor, its values bound
+    by the column types' own bind processors (the same text, JSON and timestamps SQLAlchemy would send). This
+    skips SQLAlchemy's per-execution parameter machinery, which was most of the event-store thread's time."""
+
+    __slots__ = ("keys", "processors", "sql")
+
+    def __init__(self, statement: Any, dialect: Dialect, keys: tuple[str, ...] | None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys) if keys is not None else None)
+        self.sql = str(compiled)
+        self.keys: tuple[str, ...] = tuple(compiled.positiontup or ())
+        if keys is not None and not set(self.keys) <= set(keys):  # a column default SQLAlchemy would fill in
+            raise ValueError(f"rows lack {sorted(set(self.keys) - set(keys))} for {self.sql}")
+        # (position, processor, is a timestamp) for each value that has a processor.
+        self.processors = tuple(
+            (index, process, isinstance(compiled.binds[key].type, DateTime | UTCDateTime))
+            for index, key in enumerate(self.keys)
+            if (process := compiled.binds[key].type.bind_processor(dialect)) is not None)
+
+    def rows(self, params: Sequence[dict[str, Any]]) -> list[list[Any]]:
+        keys, processors = self.keys, self.processors
+        stamps: dict[datetime, str] = {}  # a batch shares one timestamp: each distinct one is bound once
+        out = []
+        for row in params:
+            values = [row[key] for key in keys]
+            for index, process, is_time in processors:
+                value = values[index]
+                if is_time and value is not None:
+                    stamp = stamps.get(value)
+                    if stamp is None:
+                        stamp = stamps[value] = _sqlite_text(process(value))
+                    values[index] = stamp
+                else:
+                    values[index] = process(value)
+            out.append(values)
+        return out
+
+
+def _sqlite_text(value: Any) -> Any:
+    """What the sqlite3 module's own datetime adapter would make of `value` (Python 3.11: `isoformat(" ")`),
+    done here once per distinct timestamp rather than by the module for every row."""
+    return value.isoformat(" ") if isinstance(value, datetime) else value
+
+
+class _Executor:
+    """Runs the batch's statements: on SQLite through `_SqliteStatement`s (each compiled once per row shape),
+    elsewhere through SQLAlchemy Core."""
+
+    _compiled: dict[tuple[int, tuple[str, ...] | None], _SqliteStatement] = {}
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.sqlite = connection.dialect.name == "sqlite"
+        self._cursor: Any = None
+
+    def _prepared(self, statement: Any, keys: tuple[str, ...] | None) -> _SqliteStatement:
+        cache_key = (id(statement), keys)  # statements are module constants (or cached): ids are stable
+        prepared = self._compiled.get(cache_key)
+        if prepared is None:
+            prepared = self._compiled[cache_key] = _SqliteStatement(statement, self.connection.dialect, keys)
+        return prepared
+
+    def _raw(self) -> Any:
+        if self._cursor is None:
+            self._cursor = self.connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        return self._cursor
+
+    def scalar(self, statement: Any, params: dict[str, Any]) -> Any:
+        """The first column of the first row the statement returns (None when it returns none)."""
+        if not self.sqlite:
+            return self.connection.execute(statement, params).scalar_one_or_none()
+        prepared = self._prepared(statement, None)
+        row = self._raw().execute(prepared.sql, prepared.rows([params])[0]).fetchone()
+        return None if row is None else row[0]
+
+    def many(self, statement: Any, rows: Sequence[dict[str, Any]], keys: tuple[str, ...] | None = None) -> None:
+        """`statement` once per row; on SQLite `keys` names the columns of an INSERT (all rows have them)."""
+        if not self.sqlite:
+            self.connection.execute(statement, list(rows))
+            return
+        prepared = self._prepared(statement, keys)
+        self._raw().executemany(prepared.sql, prepared.rows(rows))
+
+    def close(self) -> None:
+        if self._cursor is not None:
+            self._cursor.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,33 +145,50 @@ class BatchResult:
 def write_batch(connection: Connection, batch: Sequence[WriteRequest], now: datetime) -> BatchResult:
     """Stores a batch inside the caller's transaction. A request naming a thread that does not exist (or is not
     its claimed owner's) is left out whole and reported as None."""
-    bases = _reserve(connection, batch, now)
-    gone = {key for key, base in bases.items() if base is None}
-    accepted = [request for request in batch if not _keys(request) & gone]
-    if len(accepted) < len(batch):
-        _release_unused(connection, batch, accepted, bases)
-    numbered = _number(accepted, bases, now)
-    _insert(connection, accepted, numbered)
-    by_request = dict(zip(map(id, accepted), numbered, strict=True))
+    executor = _Executor(connection)
+    counted = [(request, _thread_counts(request)) for request in batch]
+    try:
+        bases = _reserve(executor, counted, now)
+        gone = {key for key, base in bases.items() if base is None}
+        accepted = [(request, counts) for request, counts in counted
+                    if not gone or not any((thread_id, request.owner_id) in gone for thread_id in counts)]
+        if len(accepted) < len(batch):
+            _release_unused(executor, counted, accepted, bases)
+        numbered = _number([request for request, _ in accepted], bases, now)
+        _insert(executor, [request for request, _ in accepted], numbered)
+    finally:
+        executor.close()
+    by_request = {id(request): events for (request, _), events in zip(accepted, numbered, strict=True)}
     return BatchResult([by_request.get(id(request)) for request in batch])
 
 
-def _keys(request: WriteRequest) -> set[ThreadKey]:
-    return {(thread_id, request.owner_id) for thread_id in request.thread_ids()}
+Counted = Sequence[tuple["WriteRequest", dict[str, int]]]  # each request with its events per thread
 
 
-def _reserve(connection: Connection, batch: Sequence[WriteRequest], now: datetime) -> dict[ThreadKey, int | None]:
+def _thread_counts(request: WriteRequest) -> dict[str, int]:
+    """The threads a request writes to, with how many events it adds to each (0: only rows)."""
+    events = request.events
+    if events and len({event.thread_id for event in events}) == 1:  # the usual case
+        counts = {events[0].thread_id: len(events)}
+    else:
+        counts = {}
+        for event in events:
+            counts[event.thread_id] = counts.get(event.thread_id, 0) + 1
+    for row in (*request.messages, *request.runs):
+        counts.setdefault(row["thread_id"], 0)
+    return counts
+
+
+def _reserve(executor: _Executor, counted: Counted, now: datetime) -> dict[ThreadKey, int | None]:
     """Moves each touched thread's counters in one UPDATE per thread (and claimed owner), returning the seq
     before this batch; None where the thread does not exist or is not the claimed owner's."""
-    events = _event_counts(batch)
+    events = _event_counts(counted)
     messages: dict[ThreadKey, int] = defaultdict(int)
-    keys: set[ThreadKey] = set()
-    for request in batch:
-        keys.update(_keys(request))
+    for request, _ in counted:
         for row in request.messages:
             messages[row["thread_id"], request.owner_id] += 1
     bases: dict[ThreadKey, int | None] = {}
-    for key in sorted(keys, key=lambda k: (k[0], k[1] or "")):  # one lock order everywhere: no deadlocks
+    for key in sorted(events, key=lambda k: (k[0], k[1] or "")):  # one lock order everywhere: no deadlocks
         thread_id, owner_id = key
         params: dict[str, Any] = {"b_thread": thread_id, "b_events": events[key]}
         if messages[key]:
@@ -102,83 +198,78 @@ def _reserve(connection: Connection, batch: Sequence[WriteRequest], now: datetim
             statement = _RESERVE_OWNED if owner_id is not None else _RESERVE
         if owner_id is not None:
             params["b_owner"] = owner_id
-        last = connection.execute(statement, params).scalar_one_or_none()
+        last = executor.scalar(statement, params)
         bases[key] = None if last is None else last - events[key]
     return bases
 
 
-def _release_unused(connection: Connection, batch: Sequence[WriteRequest], accepted: Sequence[WriteRequest],
+def _release_unused(executor: _Executor, counted: Counted, accepted: Counted,
                     bases: dict[ThreadKey, int | None]) -> None:
     """A request left out for one thread may have reserved numbers in another (a request spanning threads):
     those are given back, so a thread's seq never skips a number."""
-    reserved, used = _event_counts(batch), _event_counts(accepted)
+    reserved, used = _event_counts(counted), _event_counts(accepted)
     for key, count in reserved.items():
         base = bases.get(key)
         if base is not None and used.get(key, 0) != count:
-            connection.execute(_SET_LAST_SEQ, {"b_thread": key[0], "b_last": base + used.get(key, 0)})
+            executor.many(_SET_LAST_SEQ, [{"b_thread": key[0], "b_last": base + used.get(key, 0)}])
 
 
-def _event_counts(batch: Sequence[WriteRequest]) -> dict[ThreadKey, int]:
-    counts: dict[ThreadKey, int] = defaultdict(int)
-    for request in batch:
-        for event in request.events:
-            counts[event.thread_id, request.owner_id] += 1
-    return counts
+def _event_counts(counted: Counted) -> dict[ThreadKey, int]:
+    """Events per (thread, claimed owner) over the requests; every thread they touch is a key."""
+    totals: dict[ThreadKey, int] = defaultdict(int)
+    for request, counts in counted:
+        for thread_id, count in counts.items():
+            totals[thread_id, request.owner_id] += count
+    return totals
 
 
 def _number(batch: Sequence[WriteRequest], bases: dict[ThreadKey, int | None],
             now: datetime) -> list[list[StoredEvent]]:
     next_seq = {key: base for key, base in bases.items() if base is not None}
     ts = rfc3339(now)
+    make = StoredEvent.make
     results = []
     for request in batch:
+        owner_id = request.owner_id
         stored = []
         for event in request.events:
-            key = (event.thread_id, request.owner_id)
-            next_seq[key] += 1
-            stored.append(StoredEvent.make(event.thread_id, next_seq[key], event.run_id, str(event.type),
-                                           event.payload, now, ts))
+            key = (event.thread_id, owner_id)
+            seq = next_seq[key] = next_seq[key] + 1
+            stored.append(make(event.thread_id, seq, event.run_id, event.type, event.payload, now, ts))
         results.append(stored)
     return results
 
 
-def _insert(connection: Connection, batch: Sequence[WriteRequest], numbered: list[list[StoredEvent]]) -> None:
+def _insert(executor: _Executor, batch: Sequence[WriteRequest], numbered: list[list[StoredEvent]]) -> None:
     runs = [row for request in batch for row in request.runs]
     if runs:
-        connection.execute(_INSERT_RUNS, runs)
+        _insert_rows(executor, _INSERT_RUNS, runs)
     messages = [row for request in batch for row in request.messages]
     if messages:
-        connection.execute(_INSERT_MESSAGES, messages)
-    events = [e for stored in numbered for e in stored]
-    if events and connection.dialect.name == "sqlite":
-        _insert_events_sqlite(connection, events)
-    elif events:
-        connection.execute(_INSERT_EVENTS, [
-            {"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type, "payload": e.payload,
-             "created_at": e.created_at} for e in events])
+        _insert_rows(executor, _INSERT_MESSAGES, messages)
+    events = [{"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type, "payload": e.payload,
+               "created_at": e.created_at} for stored in numbered for e in stored]
+    if events:
+        executor.many(_INSERT_EVENTS, events, _EVENT_COLUMNS)
     changes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for request in batch:
         for change in request.run_changes:
             changes[tuple(sorted(change.values))].append(
                 {"b_run_id": change.run_id, **{f"b_{k}": v for k, v in change.values.items()}})
     for columns, params in changes.items():
-        connection.execute(_run_update(columns), params)
+        executor.many(_run_update(columns), params)
 
 
-def _insert_events_sqlite(connection: Connection, events: list[StoredEvent]) -> None:
-    bind_time = EVENTS.c.created_at.type.bind_processor(connection.dialect)
-    stamps: dict[datetime, Any] = {}  # a batch shares one timestamp
-    rows = []
-    for e in events:
-        stamp = stamps.get(e.created_at)
-        if stamp is None:
-            stamp = stamps[e.created_at] = bind_time(e.created_at) if bind_time is not None else e.created_at
-        rows.append((e.thread_id, e.seq, e.run_id, e.type, _json_text(e.payload), stamp))
-    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.executemany(_SQLITE_INSERT_EVENTS, rows)
-    finally:
-        cursor.close()
+_EVENT_COLUMNS = ("thread_id", "seq", "run_id", "type", "payload", "created_at")
+
+
+def _insert_rows(executor: _Executor, statement: Any, rows: list[dict[str, Any]]) -> None:
+    """Rows of one table, grouped by the columns they give (one executemany per shape)."""
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        shapes[tuple(sorted(row))].append(row)
+    for keys, same in shapes.items():
+        executor.many(statement, same, keys)
 
 
 _RUN_UPDATES: dict[tuple[str, ...], Any] = {}
