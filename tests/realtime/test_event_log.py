@@ -80,8 +80,7 @@ async def test_queued_writes_of_two_threads_are_stored_apart_when_one_thread_is_
     # As a run emits them (lists, so a queued request can take in the next), with no await between these that
     # yields to the writer: all three wait in the queue together.
     for thread_id, text in (("thread-x", "a"), ("thread-y", "lost"), ("thread-x", "b")):
-        await world.log.write(WriteRequest(events=[delta(thread_id, text)], run_changes=[], owner_id=OWNER),
-                              wait=False)
+        await world.log.emit(delta(thread_id, text), OWNER)
     stored = await world.log.write(WriteRequest(events=[delta("thread-x", "c")], owner_id=OWNER))
 
     assert [event.seq for event in stored] == [3]

@@ -57,9 +57,16 @@ class HistoryCache:
         spans: dict[str, list[int]] = {}
         added: dict[str, list[ChatMessage]] = {}
         for request, events in committed:
-            for event in events:
-                span = spans.setdefault(event.thread_id, [event.seq, event.seq])
-                span[0], span[1] = min(span[0], event.seq), max(span[1], event.seq)
+            if not events:
+                pass
+            elif len({event.thread_id for event in events}) == 1:  # the usual case: a request's seqs ascend
+                head, tail = events[0], events[-1]
+                span = spans.setdefault(head.thread_id, [head.seq, tail.seq])
+                span[0], span[1] = min(span[0], head.seq), max(span[1], tail.seq)
+            else:
+                for event in events:
+                    span = spans.setdefault(event.thread_id, [event.seq, event.seq])
+                    span[0], span[1] = min(span[0], event.seq), max(span[1], event.seq)
             for row in request.messages:
                 if row["role"] in ROLES:
                     added.setdefault(row["thread_id"], []).append(

@@ -14,7 +14,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import structlog
 from sqlalchemy import select
@@ -132,14 +133,15 @@ class RunManager:
         self._accepting = False  # from the end of start (after the orphan sweep) until stop
 
     # --- accepting work ------------------------------------------------------------------------------------
-    async def submit(self, session: AsyncSession, thread_id: str, user_id: str, content: str, *, agent: str | None,
-                     on_busy: str, client_message_id: str | None, request_id: str,
+    async def submit(self, session: AsyncSession | None, thread_id: str, user_id: str, content: str, *,
+                     agent: str | None, on_busy: str, client_message_id: str | None, request_id: str,
                      is_admin: bool) -> Submission:
         """Stores the user's message, its run (queued) and `message_created`; starts nothing (see `launch`).
 
         The thread's ownership is enforced by the write itself (the event log updates the thread row only where
         it belongs to `user_id`): a thread that is not the user's is `ThreadGone`, a 404. Ends the caller's
-        transaction before waiting for the event log, so no pooled connection is held idle."""
+        transaction before waiting for the event log, so no pooled connection is held idle. Without a
+        `session`, one is opened only if something must be read first (idempotency, the busy policy)."""
         if not self._accepting:
             raise ServiceUnavailable.not_running(draining=self._stopping)
         agent_name = self.validate(content, agent, is_admin)
@@ -157,17 +159,24 @@ class RunManager:
             _release(self._submitting, user_id)
             _release(self._submitting_threads, (user_id, thread_id))
 
-    async def _submit(self, session: AsyncSession, thread_id: str, user_id: str, content: str, agent_name: str,
-                      on_busy: str, client_message_id: str | None, request_id: str, is_admin: bool) -> Submission:
-        if client_message_id is not None:
+    async def _submit(self, session: AsyncSession | None, thread_id: str, user_id: str, content: str,
+                      agent_name: str, on_busy: str, client_message_id: str | None, request_id: str,
+                      is_admin: bool) -> Submission:
+        if session is None and (client_message_id is not None or on_busy != "enqueue"):
+            async with self.database.session() as own:
+                return await self._submit(own, thread_id, user_id, content, agent_name, on_busy, client_message_id,
+                                          request_id, is_admin)
+        if session is not None and client_message_id is not None:
             existing = await self._existing_submission(session, thread_id, user_id, client_message_id)
             if existing is not None:
                 return existing
         # `enqueue` needs no look: the run waits its turn behind whatever the thread has unfinished.
-        unfinished = await self._unfinished_run_ids(session, thread_id, user_id) if on_busy != "enqueue" else []
+        unfinished = await self._unfinished_run_ids(session, thread_id, user_id) \
+            if session is not None and on_busy != "enqueue" else []
         if unfinished and on_busy == "reject":
             raise RunInProgress()
-        await session.commit()
+        if session is not None:
+            await session.commit()
         if on_busy == "interrupt":
             for run_id in unfinished:
                 await self.request_cancel(run_id, "interrupted by a newer message")
@@ -183,21 +192,21 @@ class RunManager:
                    "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0,
                    "worker_id": self.worker_id,
                    "lease_until": now + timedelta(seconds=self.settings.run_lease_s)}
-        message_out = _message_out(message_row)
-        event = NewEvent(thread_id, None, EventType.MESSAGE_CREATED, {"message": message_out.model_dump()})
+        message_fields = _message_fields(message_row)
+        event = NewEvent(thread_id, None, EventType.MESSAGE_CREATED, {"message": message_fields})
         try:
             stored = await self.event_log.write(WriteRequest(events=[event], messages=[message_row], runs=[run_row],
                                                              owner_id=user_id))
         except IntegrityError:
-            if client_message_id is None:
+            if client_message_id is None or session is None:
                 raise
             # The same client_message_id raced in from another request: answer as the winner did.
             existing = await self._existing_submission(session, thread_id, user_id, client_message_id)
             if existing is None:
                 raise
             return existing
-        run = Run(**run_row)
-        return Submission(message=message_out, run=RunOut.of(run), created=True, user_id=user_id,
+        return Submission(message=MessageOut.model_validate(message_fields), run=_run_out(run_row), created=True,
+                          user_id=user_id,
                           message_seq=stored[0].seq, request_id=request_id, is_admin=is_admin)
 
     def validate(self, content: str, agent: str | None, is_admin: bool) -> str:
@@ -298,7 +307,7 @@ class RunManager:
                                                                      "started_at": state.started_at})])
                     agent = self.agents.get(run.agent, submission.is_admin)
                     async with asyncio.timeout(self.settings.run_timeout_s):
-                        async for event in self._drive(agent, ctx, state.llm):
+                        async for event in await self._agent_events(agent, ctx, state.llm):
                             await self._record(ctx, event, state)
                 local.finishing = True
                 await self._finish_completed(ctx, state)
@@ -328,13 +337,13 @@ class RunManager:
         finally:
             self._forget(local)
 
-    async def _drive(self, agent: Agent, ctx: UserExecutionContext, llm: LLMProvider) -> AsyncIterator[Any]:
+    async def _agent_events(self, agent: Agent, ctx: UserExecutionContext, llm: LLMProvider) -> AsyncIterator[Any]:
+        """The agent's run, ready to iterate, with this run's own dispatcher (gone with it)."""
         dispatcher = ToolDispatcher(ctx, self.tools.select(agent.tool_names))
         history = await self._history(ctx)
         run_input = AgentInput(history=history, dispatcher=dispatcher, llm=llm,
                                max_steps=self.settings.agent_max_steps)
-        async for event in agent.run(ctx, run_input):
-            yield event
+        return agent.run(ctx, run_input)
 
     async def _record(self, ctx: UserExecutionContext, event: Any, state: _RunState) -> None:
         if isinstance(event, TextChunk):
@@ -397,12 +406,10 @@ class RunManager:
 
     # --- events --------------------------------------------------------------------------------------------
     async def _emit(self, ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any],
-                    **changes: Any) -> None:
+                    run_changes: Sequence[RunChange] = ()) -> None:
         """Queues one of the run's events for the log without waiting for the commit (it is still stored
         before anyone is sent it); the write only lands in the run's user's own thread."""
-        changes.setdefault("run_changes", [])  # lists, so that a queued request can take in the next one
-        await self.event_log.write(WriteRequest(events=[self._event(ctx, type_, payload)], owner_id=ctx.user_id,
-                                                **changes), wait=False)
+        await self.event_log.emit(NewEvent(ctx.thread_id, ctx.run_id, type_, payload), ctx.user_id, run_changes)
 
     @staticmethod
     def _event(ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any]) -> NewEvent:
@@ -441,7 +448,7 @@ class RunManager:
                        "content": "".join(state.answer), "run_id": ctx.run_id, "client_message_id": None,
                        "created_at": utcnow(), "metadata": meta}
         completed = self._event(ctx, EventType.AGENT_COMPLETED,
-                                {"message": _message_out(message_row).model_dump(), "usage": usage_out})
+                                {"message": _message_fields(message_row), "usage": usage_out})
         await self._finish(ctx, state, completed, "completed", {}, [message_row])
 
     async def _finish_error(self, ctx: UserExecutionContext, state: _RunState, code: str, message: str,
@@ -486,8 +493,13 @@ def _release(counter: Counter[Any], key: Any) -> None:
         del counter[key]
 
 
-def _message_out(row: dict[str, Any]) -> MessageOut:
-    return MessageOut.model_validate({
-        "id": row["id"], "thread_id": row["thread_id"], "role": row["role"], "content": row["content"],
-        "run_id": row["run_id"], "created_at": rfc3339(row["created_at"]), "metadata": row["metadata"],
-    })
+def _message_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """A messages row as the API shows it (`MessageOut`'s fields, in its order)."""
+    return {"id": row["id"], "thread_id": row["thread_id"], "role": row["role"], "content": row["content"],
+            "run_id": row["run_id"], "created_at": rfc3339(row["created_at"]), "metadata": row["metadata"]}
+
+
+def _run_out(row: dict[str, Any]) -> RunOut:
+    """A just-queued run as the API shows it, from the row being inserted."""
+    unset = {"started_at": None, "finished_at": None, "error_code": None, "error_message": None}
+    return RunOut.of(cast(Run, SimpleNamespace(**unset, **row)))  # an ORM instance costs ten times as much

@@ -34,6 +34,10 @@ RequestRecorder = Callable[[str, str, int, float, str | None], None]
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+# Where SecurityHeadersMiddleware leaves a WebSocket's unwrapped `send`, for the frames after the handshake.
+FRAME_SEND_KEY = "parley.frame_send"
+
+
 class SecurityHeadersMiddleware:
     def __init__(self, app: ASGIApp, hsts_max_age_s: int = 0) -> None:
         self.app = app
@@ -65,6 +69,9 @@ class SecurityHeadersMiddleware:
                 message = {**message, "headers": headers + extra}
             await send(message)
 
+        if scope["type"] == "websocket":
+            # A WebSocket's frames after the handshake carry no headers: they may skip the wrapper.
+            scope[FRAME_SEND_KEY] = send
         await self.app(scope, receive, send_with_headers)
 
 

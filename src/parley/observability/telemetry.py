@@ -3,6 +3,8 @@ SLO windows and, for records, the analytics sink; the reporters never know which
 
 from __future__ import annotations
 
+import asyncio
+
 from parley.analytics.records import ConnectionRecord, LLMCallRecord, Record, RequestRecord, RunRecord, ToolCallRecord
 from parley.analytics.sink import AnalyticsSink
 from parley.observability.metrics import Metrics
@@ -20,6 +22,7 @@ class Telemetry:
         self.analytics = analytics
         self._event_counters = {outcome: metrics.run_events.labels(outcome=outcome)
                                 for outcome in ("stored", "sent", "resent", "dropped")}
+        self._pending_events: dict[str, int] = {}
 
     def record(self, record: Record) -> None:
         self.analytics.record(record)
@@ -53,11 +56,24 @@ class Telemetry:
             self.slos.record("ws_connection_success", bad=1)
 
     def run_events(self, outcome: str, count: int = 1) -> None:
-        self._event_counters[outcome].inc(count)
-        if outcome in EVENT_GOOD:
-            self.slos.record("agent_message_delivery", good=count)
-        elif outcome == "dropped":
-            self.slos.record("agent_message_delivery", bad=count)
+        """Counted for every event sent, so tallied here and passed on once per turn of the event loop."""
+        pending = self._pending_events
+        first = not pending  # since the last flush
+        pending[outcome] = pending.get(outcome, 0) + count
+        if first:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush_run_events)
+            except RuntimeError:  # no loop (a script, a test): at once
+                self._flush_run_events()
+
+    def _flush_run_events(self) -> None:
+        pending, self._pending_events = self._pending_events, {}
+        for outcome, count in pending.items():
+            self._event_counters[outcome].inc(count)
+            if outcome in EVENT_GOOD:
+                self.slos.record("agent_message_delivery", good=count)
+            elif outcome == "dropped":
+                self.slos.record("agent_message_delivery", bad=count)
 
     def db_session(self, ok: bool) -> None:
         self.metrics.db_sessions.labels(outcome="opened" if ok else "failed").inc()

@@ -17,6 +17,7 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
+from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from parley.observability.logging import get_logger
@@ -47,8 +48,12 @@ class ConnectionState(enum.Enum):
 
 class Connection:
     def __init__(self, websocket: WebSocket, connection_id: str, user_id: str, queue_max: int,
-                 on_closed: Callable[[Connection], None] | None = None, send_timeout_s: float | None = None) -> None:
+                 on_closed: Callable[[Connection], None] | None = None, send_timeout_s: float | None = None,
+                 frame_send: Send | None = None) -> None:
         self.websocket = websocket
+        # Frames go straight to the server's ASGI `send` when the caller has it (one call per frame instead of
+        # Starlette's three; its state checks guard the handshake and the close, which still go through it).
+        self._frame_send = frame_send
         self.id = connection_id
         self.user_id = user_id
         self.state = ConnectionState.CONNECTING
@@ -159,6 +164,7 @@ class Connection:
         `send_timeout_s` is let go. Returns False when the client is gone."""
         burst, self._queue = self._queue, []
         timeout = self.send_timeout_s
+        frame_send = self._frame_send
         try:
             async with asyncio.timeout(timeout) as deadline:
                 pushed = loop.time()
@@ -168,7 +174,10 @@ class Connection:
                     self._queued -= 1  # the frame in flight is the transport's now, as before a queue
                     if self._room_waiters and self._queued < self._queue_max:
                         self._make_room()
-                    await self.websocket.send_text(text)
+                    if frame_send is not None:
+                        await frame_send({"type": "websocket.send", "text": text})
+                    else:
+                        await self.websocket.send_text(text)
                     self.sent += 1
                     if timeout is not None and (now := loop.time()) - pushed > timeout / 4:
                         deadline.reschedule(now + timeout)

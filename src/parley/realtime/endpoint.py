@@ -22,6 +22,7 @@ from parley.clock import rfc3339, utcnow
 from parley.errors import ParleyError, Unauthorized
 from parley.http.deps import AppServices, bearer_token, get_services
 from parley.http.errors import error_response
+from parley.http.middleware import FRAME_SEND_KEY
 from parley.ids import new_id
 from parley.observability.logging import describe, get_logger
 from parley.realtime.connection import (
@@ -80,7 +81,7 @@ class WebSocketRouteMiddleware:
         if scope["type"] != "websocket":
             await self.app(scope, receive, send)
         elif scope["path"] == self.path:
-            await websocket_endpoint(WebSocket(scope, receive, send))
+            await websocket_endpoint(WebSocket(scope, receive, send), scope.get(FRAME_SEND_KEY, send))
         else:  # parley has no other WebSocket route: a 404 like any other, envelope and headers included
             websocket = WebSocket(scope, receive, send)
             if "websocket.http.response" in scope.get("extensions", {}):
@@ -89,12 +90,14 @@ class WebSocketRouteMiddleware:
                 await websocket.close()
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
+async def websocket_endpoint(websocket: WebSocket, frame_send: Send | None = None) -> None:
+    """`frame_send`: where the connection sends its frames once open (see `FRAME_SEND_KEY`)."""
     services = get_services(websocket)
     hub = services.realtime.hub
     # A send stuck for two heartbeats means a client that stopped reading: it is let go, and resumes later.
     connection = Connection(websocket, new_id(), user_id="", queue_max=services.settings.ws_send_queue_max,
-                            on_closed=hub.unregister, send_timeout_s=services.settings.ws_heartbeat_s * 2)
+                            on_closed=hub.unregister, send_timeout_s=services.settings.ws_heartbeat_s * 2,
+                            frame_send=frame_send)
     telemetry = services.telemetry
     if not hub.accepting:
         telemetry.ws_attempt("rejected_not_ready")

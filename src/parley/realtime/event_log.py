@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -58,7 +58,8 @@ class WriteRequest:
     # Whose thread this writes to: the thread row is only updated (and so the request only stored) where it
     # belongs to this user. None for the system's own writes (the sweeper).
     owner_id: str | None = None
-    future: asyncio.Future[list[StoredEvent]] = field(default_factory=lambda: _new_future())
+    # Resolved with the stored events (or the error) once committed; made by `write` only when someone waits.
+    future: asyncio.Future[list[StoredEvent]] | None = None
 
     def thread_ids(self) -> set[str]:
         ids = {event.thread_id for event in self.events}
@@ -95,29 +96,34 @@ class EventLog:
 
         Without `wait` it returns at once (after waiting for queue space, the backpressure); the events are
         still stored before anyone is sent them."""
+        self._check_running()
+        if wait:
+            request.future = asyncio.get_running_loop().create_future()
+            await self._queue.put(request)
+            return await request.future
+        await self._queue.put(request)
+        if _appendable(request) and len(request.thread_ids()) == 1:
+            self._tail = request
+        return []
+
+    async def emit(self, event: NewEvent, owner_id: str | None, run_changes: Sequence[RunChange] = ()) -> None:
+        """Queues one event (and run changes) without waiting for the commit; the event is still stored before
+        anyone is sent it. A run's events come in bursts: while the previous request of the same thread and
+        owner still waits in the queue, the event joins it (same order, same commit), sparing a request and
+        a queue slot per event."""
+        self._check_running()
+        tail = self._tail
+        if tail is not None and tail.owner_id == owner_id and len(tail.events) < MERGE_MAX_EVENTS \
+                and tail.events[0].thread_id == event.thread_id:  # one thread per request: stored or not, whole
+            tail.events.append(event)  # type: ignore[attr-defined]
+            if run_changes:
+                tail.run_changes.extend(run_changes)  # type: ignore[attr-defined]
+            return
+        await self.write(WriteRequest(events=[event], run_changes=list(run_changes), owner_id=owner_id), wait=False)
+
+    def _check_running(self) -> None:
         if self._stopping or self._task is None:
             raise ServiceUnavailable.not_running(draining=self._stopping)
-        if not wait:
-            if self._merge_into_tail(request):
-                return []
-            request.future.add_done_callback(_consume_exception)
-        await self._queue.put(request)
-        if not wait and _appendable(request):
-            self._tail = request
-        return await request.future if wait else []
-
-    def _merge_into_tail(self, request: WriteRequest) -> bool:
-        """A run's events come in bursts of one request each; while the previous one still waits in the queue,
-        the next joins it (same order, same commit), sparing a request, a future and a queue slot per event."""
-        tail = self._tail
-        if tail is None or not _appendable(request) or tail.owner_id != request.owner_id \
-                or len(tail.events) + len(request.events) > MERGE_MAX_EVENTS \
-                or tail.thread_ids() != request.thread_ids():  # one thread per request: it is stored or not whole
-            return False
-        assert isinstance(tail.events, list) and isinstance(tail.run_changes, list)
-        tail.events.extend(request.events)
-        tail.run_changes.extend(request.run_changes)
-        return True
 
     async def write_guarded(self, request: WriteRequest, guard: Callable[[Connection], bool]) -> bool:
         """Stores `request` in a transaction of its own, only if `guard` (run first, inside it) agrees.
@@ -171,9 +177,8 @@ class EventLog:
         await self.store.close()
         while not self._queue.empty():
             pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(ServiceUnavailable(
-                    "The service stopped before storing this; retry shortly.", code="draining", retry_after=1))
+            _fail_all([pending], ServiceUnavailable(
+                "The service stopped before storing this; retry shortly.", code="draining", retry_after=1))
 
     @property
     def backlog(self) -> int:
@@ -239,7 +244,7 @@ class EventLog:
         await self._deliver(stored)
 
     async def _commit(self, batch: list[WriteRequest]) -> list[tuple[WriteRequest, list[StoredEvent]]]:
-        live = [request for request in batch if not request.future.done()]
+        live = [request for request in batch if not _settled(request)]
         now = utcnow()
         started = time.perf_counter()
         result = await self.store.transaction(lambda connection: write_batch(connection, live, now))
@@ -260,28 +265,26 @@ class EventLog:
             observer(stored)
         self._on_stored(len(events))
         for request, request_events in stored:
-            if not request.future.done():
+            if request.future is not None and not request.future.done():
                 request.future.set_result(request_events)
         if events:
             await self.bus.publish(events)
 
 
-def _new_future() -> asyncio.Future[list[StoredEvent]]:
-    return asyncio.get_running_loop().create_future()
-
-
 def _appendable(request: WriteRequest) -> bool:
     """Only events and run changes, nobody waiting: safe to join with its neighbour in the queue."""
-    return not request.messages and not request.runs and isinstance(request.events, list) \
-        and isinstance(request.run_changes, list)
+    return request.future is None and bool(request.events) and not request.messages and not request.runs \
+        and isinstance(request.events, list) and isinstance(request.run_changes, list)
+
+
+def _settled(request: WriteRequest) -> bool:
+    """Its waiter has its answer already (or gave up): nothing left to store it for."""
+    return request.future is not None and request.future.done()
 
 
 def _fail_all(batch: list[WriteRequest], exc: BaseException) -> None:
     for request in batch:
-        if not request.future.done():
+        if request.future is None:
+            log.debug("unawaited_write_failed", reason=describe(exc))
+        elif not request.future.done():
             request.future.set_exception(exc)
-
-
-def _consume_exception(future: asyncio.Future[list[StoredEvent]]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.debug("unawaited_write_failed", reason=describe(future.exception()))  # type: ignore[arg-type]

@@ -134,18 +134,18 @@ class ClientSession:
         if thread_id not in self.feeds and len(self.feeds) >= MAX_SUBSCRIPTIONS:
             raise TooManySubscriptions()
         self.services.runs.validate(content, agent, self.principal.is_admin)
-        async with self.services.database.session() as session:
-            if thread_id is None:
+        if thread_id is None:
+            async with self.services.database.session() as session:
                 thread = await ThreadRepository(session).create(user_id, _title_from(content), None)
                 await session.commit()
-                thread_id = thread.id
-                self.send(EventType.THREAD_CREATED, {"thread": ThreadOut.of(thread).model_dump()}, request_id,
-                          thread_id)
-            # No read first: the write checks that the thread is this user's (else `not_found`).
-            submission = await self.services.runs.submit(
-                session, thread_id, user_id, content, agent=agent, on_busy=on_busy,
-                client_message_id=client_message_id, request_id=request_id or self.connection.id,
-                is_admin=self.principal.is_admin)
+            thread_id = thread.id
+            self.send(EventType.THREAD_CREATED, {"thread": ThreadOut.of(thread).model_dump()}, request_id,
+                      thread_id)
+        # No read first: the write checks that the thread is this user's (else `not_found`). A session is
+        # opened only if the message needs one (idempotency, the busy policy).
+        submission = await self.services.runs.submit(
+            None, thread_id, user_id, content, agent=agent, on_busy=on_busy, client_message_id=client_message_id,
+            request_id=request_id or self.connection.id, is_admin=self.principal.is_admin)
         self.send(EventType.ACK, {"message_id": submission.message.id, "run_id": submission.run.id,
                                   "thread_id": thread_id}, request_id, thread_id)
         if thread_id not in self.feeds:
