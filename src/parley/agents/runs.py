@@ -308,7 +308,12 @@ class RunManager:
                     agent = self.agents.get(run.agent, submission.is_admin)
                     async with asyncio.timeout(self.settings.run_timeout_s):
                         async for event in await self._agent_events(agent, ctx, state.llm):
-                            await self._record(ctx, event, state)
+                            if type(event) is TextChunk:  # most of a run's events: straight to the log
+                                state.answer.append(event.text)
+                                await self.event_log.emit(NewEvent(ctx.thread_id, ctx.run_id, EventType.AGENT_DELTA,
+                                                                   {"text": event.text}), ctx.user_id)
+                            else:
+                                await self._record(ctx, event, state)
                 local.finishing = True
                 await self._finish_completed(ctx, state)
             except asyncio.CancelledError:

@@ -178,18 +178,23 @@ def split_tokens(text: str) -> list[str]:
 
 def prompt_tokens(request: LLMRequest) -> int:
     """An approximation of the prompt's size in tokens: its words, tool calls and tool descriptions included."""
-    words = 0
+    words = sum(map(_word_count, [message.content for message in request.messages]))
     for message in request.messages:
-        words += _word_count(message.content)
-        words += sum(_word_count(f"{call.name} {call.arguments}") for call in message.tool_calls)
-    words += sum(_word_count(f"{spec.name} {spec.description}") for spec in request.tools)
-    return words
+        if message.tool_calls:
+            words += sum(_word_count(f"{call.name} {call.arguments}") for call in message.tool_calls)
+    return words + sum(_spec_word_count(spec.name, spec.description) for spec in request.tools)
 
 
 @functools.lru_cache(maxsize=4096)
 def _word_count(text: str) -> int:
     """Cached: a thread's history is counted again on every call, mostly the same strings."""
     return len(text.split())
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_word_count(name: str, description: str) -> int:
+    """A tool's name and description, counted once (every call offers the same few tools)."""
+    return _word_count(f"{name} {description}")
 
 
 # --- reading the conversation ---------------------------------------------------------------------------------

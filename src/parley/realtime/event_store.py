@@ -69,11 +69,14 @@ class _SqliteStatement:
             if (process := compiled.binds[key].type.bind_processor(dialect)) is not None)
 
     def rows(self, params: Sequence[dict[str, Any]]) -> list[list[Any]]:
-        keys, processors = self.keys, self.processors
+        keys = self.keys
+        return self.bind([[row[key] for key in keys] for row in params])
+
+    def bind(self, rows: list[list[Any]]) -> list[list[Any]]:
+        """Binds, in place, rows of values already in `keys` order."""
+        processors = self.processors
         stamps: dict[datetime, str] = {}  # a batch shares one timestamp: each distinct one is bound once
-        out = []
-        for row in params:
-            values = [row[key] for key in keys]
+        for values in rows:
             for index, process, is_time in processors:
                 value = values[index]
                 if is_time and value is not None:
@@ -83,8 +86,7 @@ class _SqliteStatement:
                     values[index] = stamp
                 else:
                     values[index] = process(value)
-            out.append(values)
-        return out
+        return rows
 
 
 def _sqlite_text(value: Any) -> Any:
@@ -131,6 +133,13 @@ class _Executor:
             return
         prepared = self._prepared(statement, keys)
         self._raw().executemany(prepared.sql, prepared.rows(rows))
+
+    def many_values(self, statement: Any, keys: tuple[str, ...], rows: list[list[Any]]) -> None:
+        """An INSERT of rows given as values in `keys` order (the table's column order): SQLite only."""
+        prepared = self._prepared(statement, keys)
+        if prepared.keys != keys:
+            raise ValueError(f"values must come in the order {prepared.keys}")
+        self._raw().executemany(prepared.sql, prepared.bind(rows))
 
     def close(self) -> None:
         if self._cursor is not None:
@@ -247,10 +256,14 @@ def _insert(executor: _Executor, batch: Sequence[WriteRequest], numbered: list[l
     messages = [row for request in batch for row in request.messages]
     if messages:
         _insert_rows(executor, _INSERT_MESSAGES, messages)
-    events = [{"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type, "payload": e.payload,
-               "created_at": e.created_at} for stored in numbered for e in stored]
-    if events:
-        executor.many(_INSERT_EVENTS, events, _EVENT_COLUMNS)
+    events = [e for stored in numbered for e in stored]
+    if events and executor.sqlite:  # most of what a batch writes: no dict per row
+        executor.many_values(_INSERT_EVENTS, _EVENT_COLUMNS, [
+            [e.thread_id, e.seq, e.run_id, e.type, e.payload, e.created_at] for e in events])
+    elif events:
+        executor.many(_INSERT_EVENTS, [
+            {"thread_id": e.thread_id, "seq": e.seq, "run_id": e.run_id, "type": e.type, "payload": e.payload,
+             "created_at": e.created_at} for e in events])
     changes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
     for request in batch:
         for change in request.run_changes:
