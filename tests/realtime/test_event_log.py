@@ -7,9 +7,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 
 from parley.realtime.bus import InProcessEventBus
 from parley.realtime.event_log import EventLog, ThreadGone, WriteRequest
@@ -18,7 +19,7 @@ from parley.realtime.events import EventType, NewEvent, StoredEvent
 from parley.realtime.feed import FeedState, ThreadFeed
 from parley.storage.database import Database
 from parley.storage.migrate import upgrade
-from parley.storage.models import RunEvent, Thread, User
+from parley.storage.models import Message, RunEvent, Thread, User
 from tests.conftest import SettingsFactory
 
 MOMENT = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -79,8 +80,8 @@ async def test_queued_writes_of_two_threads_are_stored_apart_when_one_thread_is_
     await delete_thread(world, "thread-y")
     # As a run emits them (lists, so a queued request can take in the next), with no await between these that
     # yields to the writer: all three wait in the queue together.
-    for thread_id, text in (("thread-x", "a"), ("thread-y", "lost"), ("thread-x", "b")):
-        await world.log.emit(delta(thread_id, text), OWNER)
+    for thread_id, words in (("thread-x", "a"), ("thread-y", "lost"), ("thread-x", "b")):
+        await world.log.emit(delta(thread_id, words), OWNER)
     stored = await world.log.write(WriteRequest(events=[delta("thread-x", "c")], owner_id=OWNER))
 
     assert [event.seq for event in stored] == [3]
@@ -135,3 +136,28 @@ async def test_a_feed_moves_past_a_gap_in_the_log_instead_of_spinning() -> None:
     assert received == [1, 2, 5, 6]
     assert reads <= 5  # a handful of reads, not a loop hammering the database
     feed.close()
+
+
+async def test_the_writer_stores_values_exactly_as_sqlalchemy_would(world: World) -> None:
+    """On SQLite the writer binds values itself (no SQLAlchemy execution per statement): timestamps and JSON
+    must come out as the same text SQLAlchemy stores for the same values, or ordering and reads would differ."""
+    meta = {"usage": {"input_tokens": 3}, "text": "é"}
+    row = {"id": "m-writer", "thread_id": "thread-x", "user_id": OWNER, "role": "user", "content": "hi",
+           "run_id": None, "client_message_id": None, "created_at": MOMENT, "metadata": meta}
+    request = WriteRequest(events=[delta("thread-x", "a")], messages=[row], owner_id=OWNER)
+    await world.log.store.transaction(lambda connection: write_batch(connection, [request], MOMENT))
+    async with world.database.session() as session, session.begin():
+        session.add(Message(id="m-orm", thread_id="thread-x", user_id=OWNER, role="user", content="hi",
+                            run_id=None, client_message_id=None, created_at=MOMENT, meta=meta))
+    async with world.database.session() as session:
+        def raw(sql: str) -> Any:
+            return session.scalar(text(sql))
+
+        writer_time = await raw("SELECT CAST(created_at AS TEXT) FROM messages WHERE id = 'm-writer'")
+        orm_time = await raw("SELECT CAST(created_at AS TEXT) FROM messages WHERE id = 'm-orm'")
+        event_time = await raw("SELECT CAST(created_at AS TEXT) FROM run_events WHERE thread_id = 'thread-x'")
+        thread_time = await raw("SELECT CAST(created_at AS TEXT) FROM threads WHERE id = 'thread-x'")
+        writer_meta = await raw("SELECT CAST(metadata AS TEXT) FROM messages WHERE id = 'm-writer'")
+        orm_meta = await raw("SELECT CAST(metadata AS TEXT) FROM messages WHERE id = 'm-orm'")
+    assert writer_time == orm_time == event_time == thread_time  # MOMENT everywhere, one spelling
+    assert writer_meta == orm_meta

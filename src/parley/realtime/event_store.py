@@ -62,11 +62,12 @@ class _SqliteStatement:
         self.keys: tuple[str, ...] = tuple(compiled.positiontup or ())
         if keys is not None and not set(self.keys) <= set(keys):  # a column default SQLAlchemy would fill in
             raise ValueError(f"rows lack {sorted(set(self.keys) - set(keys))} for {self.sql}")
-        # (position, processor, is a timestamp) for each value that has a processor.
+        # (position, processor, is a timestamp) for each value that has a processor: the processor of the type's
+        # implementation for this dialect, as SQLAlchemy itself binds (sqlite's DATETIME text, the JSON codec).
         self.processors = tuple(
             (index, process, isinstance(compiled.binds[key].type, DateTime | UTCDateTime))
             for index, key in enumerate(self.keys)
-            if (process := compiled.binds[key].type.bind_processor(dialect)) is not None)
+            if (process := compiled.binds[key].type.dialect_impl(dialect).bind_processor(dialect)) is not None)
 
     def rows(self, params: Sequence[dict[str, Any]]) -> list[list[Any]]:
         keys = self.keys
@@ -82,17 +83,11 @@ class _SqliteStatement:
                 if is_time and value is not None:
                     stamp = stamps.get(value)
                     if stamp is None:
-                        stamp = stamps[value] = _sqlite_text(process(value))
+                        stamp = stamps[value] = process(value)
                     values[index] = stamp
                 else:
                     values[index] = process(value)
         return rows
-
-
-def _sqlite_text(value: Any) -> Any:
-    """What the sqlite3 module's own datetime adapter would make of `value` (Python 3.11: `isoformat(" ")`),
-    done here once per distinct timestamp rather than by the module for every row."""
-    return value.isoformat(" ") if isinstance(value, datetime) else value
 
 
 class _Executor:
