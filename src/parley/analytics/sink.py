@@ -102,7 +102,7 @@ class ClickHouseSink:
         self._clock = clock
         self._on_drop = on_drop or (lambda: None)
         self._queue: deque[Record] = deque()
-        self._pending: list[Record] = []  # taken from the queue, not yet written
+        self._pending: dict[str, list[Record]] = {}  # taken from the queue, not yet written, by table
         self._full = asyncio.Event()  # the queue holds a whole batch
         self._flushed = asyncio.Event()  # everything recorded so far is written
         self.query_timeout_s = query_timeout_s
@@ -139,7 +139,7 @@ class ClickHouseSink:
 
     @property
     def queued(self) -> int:
-        return len(self._queue) + len(self._pending)
+        return len(self._queue) + sum(map(len, self._pending.values()))
 
     # --- reading -------------------------------------------------------------------------------------------
     async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -208,7 +208,7 @@ class ClickHouseSink:
                     log.info("analytics_connected", backend=self.backend, migrations_applied=applied)
                 if not self._pending:
                     await self._wait_for_records()
-                    self._pending = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
+                    self._pending = self._take_batch()
                 await self._write_pending()
                 if not self._pending and not self._queue:
                     self._flushed.set()
@@ -223,14 +223,29 @@ class ClickHouseSink:
                 self.failing_since = None
             delay = 0.2
 
+    def _take_batch(self) -> dict[str, list[Record]]:
+        """Up to `batch_max` records off the queue, grouped by table in one pass. This runs on the event loop
+        once per flush, so it is kept to a single walk over the batch."""
+        queue = self._queue
+        if len(queue) <= self.batch_max:
+            taken, self._queue = queue, deque()
+        else:
+            taken = deque(queue.popleft() for _ in range(self.batch_max))
+        by_table: dict[str, list[Record]] = {}
+        for record in taken:
+            rows = by_table.get(record.table)
+            if rows is None:
+                rows = by_table[record.table] = []
+            rows.append(record)
+        return by_table
+
     async def _write_pending(self) -> None:
         """Writes the batch one table at a time, forgetting each table's records once they are in: a retry
         after a failure in the middle never writes a table twice."""
         while self._pending:
-            table = self._pending[0].table
-            rows = [record for record in self._pending if record.table == table]
+            table, rows = next(iter(self._pending.items()))
             self.written += await self._call(self.store.insert, table, rows)
-            self._pending = [record for record in self._pending if record.table != table]
+            del self._pending[table]
 
     async def _wait_for_records(self) -> None:
         if self._queue and (len(self._queue) >= self.batch_max or self._stopping):

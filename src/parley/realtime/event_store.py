@@ -94,6 +94,8 @@ class _Executor:
     """Runs the batch's statements: on SQLite through `_SqliteStatement`s (each compiled once per row shape),
     elsewhere through SQLAlchemy Core."""
 
+    # Per statement and row shape. Every SQLite engine parley makes binds alike (one JSON codec, JSON_CODEC), so
+    # the first engine's compilation serves them all.
     _compiled: dict[tuple[int, tuple[str, ...] | None], _SqliteStatement] = {}
 
     def __init__(self, connection: Connection) -> None:
