@@ -57,9 +57,7 @@ class HistoryCache:
         spans: dict[str, list[int]] = {}
         added: dict[str, list[ChatMessage]] = {}
         for request, events in committed:
-            if not events:
-                pass
-            elif len({event.thread_id for event in events}) == 1:  # the usual case: a request's seqs ascend
+            if events and len({event.thread_id for event in events}) == 1:  # usual: one thread, seqs ascending
                 head, tail = events[0], events[-1]
                 span = spans.setdefault(head.thread_id, [head.seq, tail.seq])
                 span[0], span[1] = min(span[0], head.seq), max(span[1], tail.seq)

@@ -308,10 +308,10 @@ class RunManager:
                     agent = self.agents.get(run.agent, submission.is_admin)
                     async with asyncio.timeout(self.settings.run_timeout_s):
                         async for event in await self._agent_events(agent, ctx, state.llm):
-                            if type(event) is TextChunk:  # most of a run's events: straight to the log
+                            if isinstance(event, TextChunk):  # most of a run's events: straight to the log
                                 state.answer.append(event.text)
-                                await self.event_log.emit(NewEvent(ctx.thread_id, ctx.run_id, EventType.AGENT_DELTA,
-                                                                   {"text": event.text}), ctx.user_id)
+                                await self.event_log.emit(
+                                    self._event(ctx, EventType.AGENT_DELTA, {"text": event.text}), ctx.user_id)
                             else:
                                 await self._record(ctx, event, state)
                 local.finishing = True
@@ -351,10 +351,7 @@ class RunManager:
         return agent.run(ctx, run_input)
 
     async def _record(self, ctx: UserExecutionContext, event: Any, state: _RunState) -> None:
-        if isinstance(event, TextChunk):
-            state.answer.append(event.text)
-            await self._emit(ctx, EventType.AGENT_DELTA, {"text": event.text})
-        elif isinstance(event, Thinking):
+        if isinstance(event, Thinking):  # (text deltas are handled by the run loop itself)
             await self._emit(ctx, EventType.AGENT_THINKING, {"text": event.text})
         elif isinstance(event, ToolStarted):
             await self._emit(ctx, EventType.TOOL_EXECUTING,
@@ -414,7 +411,7 @@ class RunManager:
                     run_changes: Sequence[RunChange] = ()) -> None:
         """Queues one of the run's events for the log without waiting for the commit (it is still stored
         before anyone is sent it); the write only lands in the run's user's own thread."""
-        await self.event_log.emit(NewEvent(ctx.thread_id, ctx.run_id, type_, payload), ctx.user_id, run_changes)
+        await self.event_log.emit(self._event(ctx, type_, payload), ctx.user_id, run_changes)
 
     @staticmethod
     def _event(ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any]) -> NewEvent:
