@@ -4,6 +4,7 @@ feed that meets a gap anyway moves past it instead of spinning."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,13 +12,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import delete, select, text
+from sqlalchemy.exc import IntegrityError
 
 from parley.realtime.bus import InProcessEventBus
 from parley.realtime.event_log import EventLog, ThreadGone, WriteRequest
 from parley.realtime.event_store import EventStore, write_batch
 from parley.realtime.events import EventType, NewEvent, StoredEvent
 from parley.realtime.feed import FeedState, ThreadFeed
-from parley.storage.database import Database
+from parley.storage.database import Database, is_database_unavailable
 from parley.storage.migrate import upgrade
 from parley.storage.models import Message, RunEvent, Thread, User
 from tests.conftest import SettingsFactory
@@ -161,3 +163,45 @@ async def test_the_writer_stores_values_exactly_as_sqlalchemy_would(world: World
         orm_meta = await raw("SELECT CAST(metadata AS TEXT) FROM messages WHERE id = 'm-orm'")
     assert writer_time == orm_time == event_time == thread_time  # MOMENT everywhere, one spelling
     assert writer_meta == orm_meta
+
+
+def message_row(message_id: str) -> dict[str, Any]:
+    return {"id": message_id, "thread_id": "thread-x", "user_id": OWNER, "role": "user", "content": "hi",
+            "run_id": None, "client_message_id": None, "created_at": MOMENT, "metadata": {}}
+
+
+async def test_a_duplicate_row_fails_with_sqlalchemys_integrity_error_and_alone(world: World) -> None:
+    """What callers catch (a repeated client_message_id is answered with the first submission) is SQLAlchemy's
+    IntegrityError, whichever way the writer talks to the database; the failing request takes nothing else
+    down with it."""
+    await world.log.write(WriteRequest(messages=[message_row("m-1")], owner_id=OWNER))
+    duplicate = world.log.write(WriteRequest(events=[delta("thread-x", "dup")], messages=[message_row("m-1")],
+                                             owner_id=OWNER))
+    other = world.log.write(WriteRequest(events=[delta("thread-x", "ok")], owner_id=OWNER))
+    results = await asyncio.gather(duplicate, other, return_exceptions=True)
+
+    assert isinstance(results[0], IntegrityError)
+    assert not is_database_unavailable(results[0])  # a bug or a race to report, never retried as an outage
+    assert [event.payload for event in results[1]] == [{"text": "ok"}]  # type: ignore[union-attr]
+    assert await stored_seqs(world, "thread-x") == [1]
+
+
+@pytest.mark.only_on("sqlite")  # the file lock of another process
+async def test_a_locked_sqlite_database_is_reported_as_unavailable_not_as_a_bug(
+        make_settings: SettingsFactory, world: World) -> None:
+    """A writer that meets another process's write lock past the busy timeout must see the outage it is (the
+    event log then retries; an API caller gets 503), not a driver error nobody recognises (a 500)."""
+    settings = make_settings(database_busy_timeout_s=0.05)
+    store = EventStore(Database(settings, pool_size=1, max_overflow=1))
+    blocker = sqlite3.connect(settings.database_url.split("///", 1)[1], isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        request = WriteRequest(events=[delta("thread-x", "locked out")], owner_id=OWNER)
+        with pytest.raises(Exception) as raised:
+            await store.transaction(lambda connection: write_batch(connection, [request], MOMENT))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        await store.close()
+    assert is_database_unavailable(raised.value), repr(raised.value)
+    assert await stored_seqs(world, "thread-x") == []

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, DateTime, Dialect, Engine, Table, bindparam, insert, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from parley.clock import rfc3339
@@ -120,7 +121,9 @@ class _Executor:
         if not self.sqlite:
             return self.connection.execute(statement, params).scalar_one_or_none()
         prepared = self._prepared(statement, None)
-        row = self._raw().execute(prepared.sql, prepared.rows([params])[0]).fetchone()
+        values = prepared.rows([params])[0]
+        with self._translated(prepared.sql, values, many=False):
+            row = self._raw().execute(prepared.sql, values).fetchone()
         return None if row is None else row[0]
 
     def many(self, statement: Any, rows: Sequence[dict[str, Any]], keys: tuple[str, ...] | None = None) -> None:
@@ -129,14 +132,29 @@ class _Executor:
             self.connection.execute(statement, list(rows))
             return
         prepared = self._prepared(statement, keys)
-        self._raw().executemany(prepared.sql, prepared.rows(rows))
+        values = prepared.rows(rows)
+        with self._translated(prepared.sql, values, many=True):
+            self._raw().executemany(prepared.sql, values)
 
     def many_values(self, statement: Any, keys: tuple[str, ...], rows: list[list[Any]]) -> None:
         """An INSERT of rows given as values in `keys` order (the table's column order): SQLite only."""
         prepared = self._prepared(statement, keys)
         if prepared.keys != keys:
             raise ValueError(f"values must come in the order {prepared.keys}")
-        self._raw().executemany(prepared.sql, prepared.bind(rows))
+        values = prepared.bind(rows)
+        with self._translated(prepared.sql, values, many=True):
+            self._raw().executemany(prepared.sql, values)
+
+    @contextlib.contextmanager
+    def _translated(self, sql: str, values: Any, *, many: bool) -> Iterator[None]:
+        """The driver's own errors, as SQLAlchemy would raise them (`IntegrityError`, `OperationalError`...):
+        what callers catch, and what tells a locked or unreachable database (retried, a 503) from a bug."""
+        dialect = self.connection.dialect
+        try:
+            yield
+        except dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(sql, values, exc, dialect.loaded_dbapi.Error, hide_parameters=True,
+                                      dialect=dialect, ismulti=many) from exc
 
     def close(self) -> None:
         if self._cursor is not None:
