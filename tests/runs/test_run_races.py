@@ -15,7 +15,8 @@ from parley.app import build_services
 from parley.errors import ServiceUnavailable
 from parley.http.deps import AppServices
 from parley.llm.base import Usage
-from parley.realtime.event_log import EventLog
+from parley.realtime.event_log import EventLog, WriteRequest
+from parley.realtime.events import EventType, NewEvent
 from parley.threads.repository import ThreadRepository
 from tests.conftest import SettingsFactory
 
@@ -39,6 +40,25 @@ class StopsItselfAtTheEnd:
         yield Finished(Usage(1, 1, "test"))
         assert self.stop is not None
         asyncio.get_running_loop().call_soon(self.stop, ctx.run_id)
+
+
+class WaitsForTheGate:
+    """Holds its run open until the test opens the gate."""
+
+    name: ClassVar[str] = "waits_for_gate"
+    description: ClassVar[str] = "Answers once the gate opens."
+    tool_names: ClassVar[tuple[str, ...]] = ()
+    admin_only: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def run(self, ctx: UserExecutionContext, run_input: AgentInput) -> AsyncIterator[AgentEvent]:
+        self.entered.set()
+        await self.gate.wait()
+        yield TextChunk("opened")
+        yield Finished(Usage(1, 1, "test"))
 
 
 @pytest.fixture
@@ -125,3 +145,79 @@ async def test_no_message_is_taken_before_the_orphan_sweep_has_run(make_settings
         assert refused.value.code == "starting" and refused.value.status == 503
     finally:
         await services.database.dispose()
+
+
+async def test_a_waiting_run_that_is_cancelled_keeps_the_line_for_the_runs_behind_it(
+        make_settings: SettingsFactory) -> None:
+    """`enqueue` runs one run of a thread at a time, in order. Cancelling one that still waits its turn ends it
+    at once, but the runs behind it go on waiting for the one still executing ahead of it."""
+    gated = WaitsForTheGate()
+    services = build_services(make_settings(builtin_token_delay_s=0), extra_agents=[gated])
+    await services.lifecycle.start()
+    try:
+        first = await submit(services, agent="waits_for_gate")
+        thread_id, user_id = first.run.thread_id, first.user_id
+        services.runs.launch(first)
+        await gated.entered.wait()
+
+        async def enqueue(content: str) -> Any:
+            async with services.database.session() as session:
+                submission = await services.runs.submit(
+                    session, thread_id, user_id, content, agent=None, on_busy="enqueue", client_message_id=None,
+                    request_id="req", is_admin=False)
+            services.runs.launch(submission)
+            return submission
+
+        second = await enqueue("what is 1+1")
+        third = await enqueue("what is 2+2")
+        await services.runs.request_cancel(second.run.id, "stopped by the user")
+        fourth = await enqueue("what is 3+3")  # submitted after the cancel, while the first still runs
+        await asyncio.sleep(0.3)
+
+        assert await run_events(services, thread_id, second.run.id) == ["agent_started", "agent_cancelled"]
+        assert await run_events(services, thread_id, third.run.id) == []  # still behind the first
+        assert await run_events(services, thread_id, fourth.run.id) == []
+
+        gated.gate.set()
+        await wait_until_idle(services)
+        async with services.database.session() as session:
+            events = await EventLog.read(session, thread_id, 0, 1000)
+        order = [(event.run_id, event.type) for event in events
+                 if event.type in ("agent_started", "agent_completed") and event.run_id != second.run.id]
+        assert order == [(first.run.id, "agent_started"), (first.run.id, "agent_completed"),
+                         (third.run.id, "agent_started"), (third.run.id, "agent_completed"),
+                         (fourth.run.id, "agent_started"), (fourth.run.id, "agent_completed")]
+    finally:
+        gated.gate.set()
+        services.lifecycle.begin_drain()
+        await services.lifecycle.stop(10)
+
+
+async def test_a_run_stopped_while_its_start_waits_for_room_in_the_log_still_begins_with_agent_started(
+        make_settings: SettingsFactory) -> None:
+    """A run's events begin with `agent_started` even when it is cancelled while that event waits for room in a
+    full write queue (the database is slow): the terminal write then adds it."""
+    services = build_services(make_settings(builtin_token_delay_s=0, event_log_queue_max=100))
+    await services.lifecycle.start()
+    log = services.runs.event_log
+    try:
+        submission = await submit(services)
+        run = submission.run
+        def elsewhere(index: int) -> WriteRequest:  # another thread's write: none joins the run's
+            return WriteRequest(events=[NewEvent(f"elsewhere-{index}", None, EventType.AGENT_DELTA, {"text": "x"})])
+
+        async with log.store._lock:  # the writer stalls on its next commit, as on a database that hangs
+            await log.write(elsewhere(0), wait=False)
+            await asyncio.sleep(0.05)  # the writer has taken it and waits for the database
+            while log.backlog < 100:  # then the queue fills up
+                await log.write(elsewhere(log.backlog + 1), wait=False)
+            services.runs.launch(submission)
+            for _ in range(100):
+                await asyncio.sleep(0)  # the run's task now waits to put `agent_started` in the full queue
+            await services.runs.request_cancel(run.id, "stopped by the user")
+            await asyncio.sleep(0.05)
+        await wait_until_idle(services)
+        assert await run_events(services, run.thread_id, run.id) == ["agent_started", "agent_cancelled"]
+    finally:
+        services.lifecycle.begin_drain()
+        await services.lifecycle.stop(10)

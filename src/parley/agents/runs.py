@@ -85,6 +85,7 @@ class _RunState:
 
     llm: MeteredLLM
     started_at: datetime | None = None
+    announced: bool = False  # its `agent_started` is queued for the log (else the terminal write adds one)
     answer: list[str] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     usage: Usage = field(default_factory=lambda: Usage(0, 0, ""))
@@ -102,7 +103,9 @@ class _LocalRun:
     interrupted: bool = False  # cancelled by shutdown, not by a user
     started: bool = False  # its task has taken its first step (cancelling before that would skip its cleanup)
     finishing: bool = False  # its terminal event is being stored: too late to cancel
+    # Resolved when the thread's next run may start: this run has ended, and so have the runs ahead of it.
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    previous: asyncio.Future[None] | None = None  # the `done` of the thread's run launched before this one
 
 
 class RunManager:
@@ -239,11 +242,10 @@ class RunManager:
         if not submission.created or self._stopping:
             return
         run = submission.run
-        local = _LocalRun(run.id, run.thread_id, submission.user_id)
-        previous = self._thread_tail.get(run.thread_id)
+        local = _LocalRun(run.id, run.thread_id, submission.user_id, previous=self._thread_tail.get(run.thread_id))
         self._thread_tail[run.thread_id] = local.done
         self._local[run.id] = local
-        local.task = asyncio.create_task(self._execute(local, submission, previous), name=f"run-{run.id}")
+        local.task = asyncio.create_task(self._execute(local, submission), name=f"run-{run.id}")
 
     # --- cancelling ----------------------------------------------------------------------------------------
     async def cancel(self, session: AsyncSession, user_id: str, run_id: str,
@@ -285,7 +287,7 @@ class RunManager:
             self._cancel_local(str(message["run_id"]), str(message.get("reason") or "cancelled"))
 
     # --- executing -----------------------------------------------------------------------------------------
-    async def _execute(self, local: _LocalRun, submission: Submission, previous: asyncio.Future[None] | None) -> None:
+    async def _execute(self, local: _LocalRun, submission: Submission) -> None:
         run = submission.run
         ctx = UserExecutionContext(user_id=local.user_id, thread_id=run.thread_id, run_id=run.id,
                                    request_id=submission.request_id, agent=run.agent, is_admin=submission.is_admin)
@@ -297,14 +299,15 @@ class RunManager:
             try:
                 if local.cancel_reason is not None:
                     raise asyncio.CancelledError  # cancelled before this task first ran
-                if previous is not None:
-                    await asyncio.shield(previous)  # runs of one thread execute in order
+                if local.previous is not None:
+                    await asyncio.shield(local.previous)  # runs of one thread execute in order
                 async with self._user_slot(local.user_id):
                     state.started_at = utcnow()
                     await self._emit(ctx, EventType.AGENT_STARTED,
                                      {"agent": run.agent, "input_message_id": submission.message.id},
                                      run_changes=[RunChange(run.id, {"status": "running",
                                                                      "started_at": state.started_at})])
+                    state.announced = True  # (a cancel while it waited for room in the queue left it out)
                     agent = self.agents.get(run.agent, submission.is_admin)
                     async with asyncio.timeout(self.settings.run_timeout_s):
                         async for event in await self._agent_events(agent, ctx, state.llm):
@@ -399,12 +402,21 @@ class RunManager:
 
     def _forget(self, local: _LocalRun) -> None:
         self._local.pop(local.run_id, None)
+        if not any(run.user_id == local.user_id for run in self._local.values()):
+            self._user_slots.pop(local.user_id, None)
+        # A run cancelled while it waited its turn leaves now, but its place in the thread's line holds until
+        # the runs ahead of it have ended: the runs behind it still wait for those.
+        if local.previous is not None and not local.previous.done():
+            local.previous.add_done_callback(lambda _: self._end_turn(local))
+        else:
+            self._end_turn(local)
+
+    def _end_turn(self, local: _LocalRun) -> None:
+        local.previous = None
         if not local.done.done():
             local.done.set_result(None)
         if self._thread_tail.get(local.thread_id) is local.done:
             del self._thread_tail[local.thread_id]
-        if not any(run.user_id == local.user_id for run in self._local.values()):
-            self._user_slots.pop(local.user_id, None)
 
     # --- events --------------------------------------------------------------------------------------------
     async def _emit(self, ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any],
@@ -428,7 +440,7 @@ class RunManager:
         now = utcnow()
         usage = state.usage
         await asyncio.shield(self.event_log.write(WriteRequest(
-            events=[*self._started_event(ctx, state.started_at is not None), terminal], messages=messages,
+            events=[*self._started_event(ctx, state.announced), terminal], messages=messages,
             run_changes=[RunChange(ctx.run_id, {
                 "status": status, "finished_at": now, "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens, "model": usage.model, "cost_usd": state.llm.cost_usd,
