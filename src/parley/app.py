@@ -136,6 +136,8 @@ def build_services(settings: Settings, on_fatal: Callable[[str], None] | None = 
     writer_database = Database(settings, pool_size=1, max_overflow=1)
     event_log = EventLog(EventStore(writer_database), bus, batch_max=settings.event_log_batch_max,
                          queue_max=settings.event_log_queue_max,
+                         answer_within_s=settings.database_statement_timeout_s,
+                         retry_after_s=settings.database_retry_after_s,
                          on_stored=lambda count: telemetry.run_events("stored", count))
     llm = build_llm(settings)
     recent_errors = RecentErrors(settings.recent_errors_max)

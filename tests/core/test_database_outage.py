@@ -106,3 +106,35 @@ def test_locked_sqlite_gives_503_and_recovers(make_settings: SettingsFactory, da
             assert client.post("/api/threads", json={}, headers=account.headers).status_code == 201
     finally:
         server.stop()
+
+
+@pytest.mark.only_on("sqlite")
+def test_a_message_sent_while_the_database_is_locked_gets_503_in_time_and_is_never_stored_later(
+        make_settings: SettingsFactory, database_url: str) -> None:
+    """A new message waits for the database at most PARLEY_DATABASE_STATEMENT_TIMEOUT_S, then 503; while the
+    event log keeps failing, the next is refused at once. Neither is stored once the database is back, so a
+    client that retries has its message once."""
+    server = LiveServer(make_settings(database_busy_timeout_s=0.1, database_statement_timeout_s=1)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            account = register(client)
+            thread_id = client.post("/api/threads", json={}, headers=account.headers).json()["id"]
+            path = f"/api/threads/{thread_id}/messages"
+            locker = sqlite3.connect(database_url.split("///", 1)[1], isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+            try:
+                first = client.post(path, json={"content": "first try"}, headers=account.headers)
+                assert first.status_code == 503 and error_code(first) == "database_unavailable"
+                assert first.elapsed.total_seconds() < 10
+                second = client.post(path, json={"content": "second try"}, headers=account.headers)
+                assert second.status_code == 503 and error_code(second) == "database_unavailable"
+                assert second.elapsed.total_seconds() < 1  # refused at once: the log is failing
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+            wait_for(lambda: client.post(path, json={"content": "after"}, headers=account.headers).status_code
+                     == 202, timeout=20, message="messages accepted again")
+            history = client.get(f"/api/threads/{thread_id}/messages", headers=account.headers).json()["items"]
+            assert [m["content"] for m in history if m["role"] == "user"] == ["after"]
+    finally:
+        server.stop()

@@ -198,8 +198,8 @@ class RunManager:
         message_fields = _message_fields(message_row)
         event = NewEvent(thread_id, None, EventType.MESSAGE_CREATED, {"message": message_fields})
         try:
-            stored = await self.event_log.write(WriteRequest(events=[event], messages=[message_row], runs=[run_row],
-                                                             owner_id=user_id))
+            stored = await self.event_log.write_for_client(WriteRequest(
+                events=[event], messages=[message_row], runs=[run_row], owner_id=user_id))
         except IntegrityError:
             if client_message_id is None or session is None:
                 raise

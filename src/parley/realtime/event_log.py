@@ -20,7 +20,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from parley.clock import utcnow
-from parley.errors import NotFound, ServiceUnavailable
+from parley.errors import DatabaseUnavailable, NotFound, ServiceUnavailable
 from parley.health.components import ComponentHealth
 from parley.observability.logging import describe, get_logger
 from parley.realtime.bus import EventBus
@@ -72,13 +72,16 @@ class EventLog:
     name = "event_log"
 
     def __init__(self, store: EventStore, bus: EventBus, *, batch_max: int, queue_max: int,
-                 retry_max_s: float = 2.0, on_stored: Callable[[int], None] | None = None) -> None:
+                 retry_max_s: float = 2.0, on_stored: Callable[[int], None] | None = None,
+                 answer_within_s: float = 30.0, retry_after_s: int = 2) -> None:
         # Told of every commit, in order, before anyone is sent its events (the run history cache).
         self.observers: list[Callable[[Sequence[tuple[WriteRequest, list[StoredEvent]]]], None]] = []
         self.store = store
         self.bus = bus
         self.batch_max = batch_max
         self.retry_max_s = retry_max_s
+        self.answer_within_s = answer_within_s
+        self.retry_after_s = retry_after_s
         self._on_stored = on_stored or (lambda count: None)
         self._queue: asyncio.Queue[WriteRequest] = asyncio.Queue(maxsize=queue_max)
         self._task: asyncio.Task[None] | None = None
@@ -105,6 +108,19 @@ class EventLog:
         if _appendable(request) and len(request.thread_ids()) == 1:
             self._tail = request
         return []
+
+    async def write_for_client(self, request: WriteRequest) -> list[StoredEvent]:
+        """`write` for a client who waits for the answer (a new message): refused at once while the log cannot
+        store anything, and given up after `answer_within_s`, with 503 `database_unavailable` either way. A
+        request given up is never stored later (the writer skips a request nobody waits for any more), so a
+        client that retries does not end up with its message twice."""
+        if self.failing_since is not None:
+            raise DatabaseUnavailable(retry_after=self.retry_after_s)
+        try:
+            async with asyncio.timeout(self.answer_within_s):
+                return await self.write(request)
+        except TimeoutError:
+            raise DatabaseUnavailable(retry_after=self.retry_after_s) from None
 
     async def emit(self, event: NewEvent, owner_id: str | None, run_changes: Sequence[RunChange] = ()) -> None:
         """Queues one event (and run changes) without waiting for the commit; the event is still stored before
