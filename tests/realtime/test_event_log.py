@@ -205,3 +205,17 @@ async def test_a_locked_sqlite_database_is_reported_as_unavailable_not_as_a_bug(
         await store.close()
     assert is_database_unavailable(raised.value), repr(raised.value)
     assert await stored_seqs(world, "thread-x") == []
+
+
+async def test_events_lost_by_a_failed_unawaited_write_are_an_error_in_the_log(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """Nobody waits for a run's fire-and-forget writes; if one fails for any reason but a deleted thread, its
+    events are lost to every client, so the operator must see it (ERROR, with what was lost), not a DEBUG line."""
+    await world.log.write(WriteRequest(messages=[message_row("m-2")], owner_id=OWNER))
+    await world.log.write(WriteRequest(events=[delta("thread-x", "lost")], messages=[message_row("m-2")],
+                                       owner_id=OWNER), wait=False)
+    await world.log.write(WriteRequest(events=[delta("thread-x", "after")], owner_id=OWNER))  # flushes the queue
+
+    failures = [record for record in caplog.records if "unawaited_write_failed" in record.getMessage()]
+    assert [record.levelname for record in failures] == ["ERROR"]
+    assert "thread-x" in failures[0].getMessage() and "run-1" in failures[0].getMessage()

@@ -301,6 +301,15 @@ def _settled(request: WriteRequest) -> bool:
 def _fail_all(batch: list[WriteRequest], exc: BaseException) -> None:
     for request in batch:
         if request.future is None:
-            log.debug("unawaited_write_failed", reason=describe(exc))
+            # Nobody waits to hear of it. A deleted thread is expected (its runs are being cancelled); any other
+            # failure lost events that clients will never get: an error for the operator, with what was lost.
+            if isinstance(exc, ThreadGone):
+                log.debug("unawaited_write_failed", reason=describe(exc))
+            elif isinstance(exc, ServiceUnavailable):  # still queued when the service stopped
+                log.warning("unawaited_write_failed", reason=describe(exc), events=len(request.events))
+            else:
+                log.error("unawaited_write_failed", reason=describe(exc), events=len(request.events),
+                          threads=sorted(request.thread_ids()),
+                          runs=sorted({event.run_id for event in request.events if event.run_id}))
         elif not request.future.done():
             request.future.set_exception(exc)
