@@ -182,7 +182,9 @@ async def test_a_bad_request_is_not_retried(fake: FakeOpenAI, provider: OpenAIPr
         await collect(provider, ask())
 
     assert (caught.value.code, caught.value.retryable, caught.value.status) == ("llm_bad_request", False, 400)
-    assert "messages: too long" in caught.value.message
+    assert "messages: too long" in caught.value.detail  # for the operator's log
+    assert "messages: too long" not in caught.value.message  # never for the user: it can quote internals
+    assert "400" in caught.value.message
     assert len(fake.chat_requests()) == 1
 
 

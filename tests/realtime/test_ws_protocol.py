@@ -507,3 +507,27 @@ def test_conversation_beyond_the_subscription_limit_is_refused_whole_or_runs(
     except AssertionError:
         pytest.fail(f"the acknowledged run never ran: it is still {run_status()!r}; the answers were {answers}")
 
+
+def test_a_message_refused_for_too_many_waiting_runs_creates_no_thread(make_settings: SettingsFactory) -> None:
+    """A `user_message` without a thread is refused before the thread would be made: a user at the limit of
+    waiting runs gets `rate_limited` and no new, empty thread per attempt."""
+    # One run at a time, and the first takes a while (a few tokens a second).
+    server = LiveServer(make_settings(max_queued_runs_per_user=1, builtin_token_delay_s=0.5)).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            account = register(client)
+            with user_ws(server, account) as ws:
+                greeted(ws)
+                ws.send(frame("user_message", {"content": "hello there"}, "first"))
+                assert recv_json(ws)["type"] == "thread_created"
+                wait_for(lambda: recv_json(ws)["type"] == "ack", message="the first message acknowledged")
+                ws.send(frame("user_message", {"content": "and another"}, "second"))
+                answer = recv_json(ws)
+                while answer["type"] != "error":  # the first run's events stream meanwhile
+                    assert answer["type"] != "thread_created", answer
+                    answer = recv_json(ws)
+                assert error_of(answer) == "rate_limited" and answer["id"] == "second"
+            threads = client.get("/api/threads", headers=account.headers).json()
+            assert threads["total"] == 1
+    finally:
+        server.stop()

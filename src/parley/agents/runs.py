@@ -145,14 +145,9 @@ class RunManager:
         it belongs to `user_id`): a thread that is not the user's is `ThreadGone`, a 404. Ends the caller's
         transaction before waiting for the event log, so no pooled connection is held idle. Without a
         `session`, one is opened only if something must be read first (idempotency, the busy policy)."""
-        if not self._accepting:
-            raise ServiceUnavailable.not_running(draining=self._stopping)
-        agent_name = self.validate(content, agent, is_admin)
+        agent_name = self.validate(content, agent, is_admin, user_id)
         if on_busy == "reject" and self._submitting_threads[user_id, thread_id]:
             raise RunInProgress()  # another message to this thread is being submitted right now
-        if sum(1 for run in self._local.values() if run.user_id == user_id) + self._submitting[user_id] >= \
-                self.settings.max_queued_runs_per_user:
-            raise RateLimited("Too many runs are waiting; retry when some have finished.", retry_after=5)
         self._submitting[user_id] += 1
         self._submitting_threads[user_id, thread_id] += 1
         try:
@@ -212,8 +207,15 @@ class RunManager:
                           user_id=user_id,
                           message_seq=stored[0].seq, request_id=request_id, is_admin=is_admin)
 
-    def validate(self, content: str, agent: str | None, is_admin: bool) -> str:
-        """Refuses a message that could never start a run; returns the agent it would use."""
+    def validate(self, content: str, agent: str | None, is_admin: bool, user_id: str) -> str:
+        """Refuses, before anything is made for it, a message that could not start a run now: the service is
+        not taking runs, the content is too long, the agent unknown, or the user has too many runs waiting.
+        Returns the agent it would use."""
+        if not self._accepting:
+            raise ServiceUnavailable.not_running(draining=self._stopping)
+        if sum(1 for run in self._local.values() if run.user_id == user_id) + self._submitting[user_id] >= \
+                self.settings.max_queued_runs_per_user:
+            raise RateLimited("Too many runs are waiting; retry when some have finished.", retry_after=5)
         if len(content) > self.settings.max_message_chars:
             raise InvalidRequest(details=[{"field": "content", "type": "too_long",
                                            "message": f"at most {self.settings.max_message_chars} characters"}])
@@ -332,7 +334,7 @@ class RunManager:
                                          f"The run took longer than {self.settings.run_timeout_s:g} s.", "failed")
             except LLMError as exc:
                 local.finishing = True
-                log.warning("run_llm_failed", code=exc.code, reason=exc.message, **ctx.log_fields())
+                log.warning("run_llm_failed", code=exc.code, reason=exc.detail, **ctx.log_fields())
                 await self._finish_error(ctx, state, exc.code, exc.message, "failed")
             except Exception:  # the run's boundary: log with context, end the run cleanly
                 local.finishing = True

@@ -63,14 +63,19 @@ def tool_message_content(ok: bool, result: Any = None, error: str | None = None)
 
 
 class LLMError(Exception):
-    """A provider failed in a way the run reports (`agent_error`) rather than crashing on."""
+    """A provider failed in a way the run reports (`agent_error`) rather than crashing on.
 
-    def __init__(self, code: str, message: str, *, retryable: bool = False, status: int | None = None) -> None:
+    `message` is what the user is shown; `detail` (for the log) may add what the provider itself said, which
+    can quote internals of a self-hosted model server and so never goes to a client."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False, status: int | None = None,
+                 detail: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
         self.status = status
+        self.detail = detail or message
 
 
 @dataclass(frozen=True, slots=True)

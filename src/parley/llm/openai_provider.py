@@ -145,8 +145,9 @@ class OpenAIProvider:
         await self._client.close()
 
     def _llm_error(self, exc: openai.OpenAIError) -> LLMError:
-        code, retryable, status, message = _classify(exc)
-        return LLMError(code, self._redact(message), retryable=retryable, status=status)
+        code, retryable, status, message, said = _classify(exc)
+        detail = f"{message}: {said}" if said else message
+        return LLMError(code, message, retryable=retryable, status=status, detail=self._redact(detail))
 
     def _redact(self, text: str) -> str:
         if self._secret:
@@ -159,31 +160,33 @@ def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-def _classify(exc: openai.OpenAIError) -> tuple[str, bool, int | None, str]:
-    """(code, retryable, HTTP status, message) for an SDK exception, after the SDK's own retries."""
+def _classify(exc: openai.OpenAIError) -> tuple[str, bool, int | None, str, str | None]:
+    """(code, retryable, HTTP status, message for the user, what the provider said) for an SDK exception,
+    after the SDK's own retries. The provider's own words go to the log only."""
     if isinstance(exc, openai.APITimeoutError):
-        return "llm_timeout", True, None, "the language model did not answer in time"
+        return "llm_timeout", True, None, "the language model did not answer in time", None
     if isinstance(exc, openai.APIConnectionError):
-        return "llm_unavailable", True, None, "the language model service could not be reached"
+        return "llm_unavailable", True, None, "the language model service could not be reached", None
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        detail = f"the language model service answered {status}: {exc.message}"
+        answered = f"the language model service answered {status}"
         if status in (401, 403):
-            # A fixed message: the server's own may quote (part of) the key.
+            # Nothing of the server's own message, even in the log: it may quote (part of) the key.
             return "llm_auth", False, status, (f"the language model service refused the API key ({status}); "
-                                               "check PARLEY_OPENAI_API_KEY")
+                                               "check PARLEY_OPENAI_API_KEY"), None
         if status == 429:
-            return "llm_rate_limited", True, status, detail
+            return "llm_rate_limited", True, status, f"{answered} (rate limited); try again shortly", exc.message
         if status in (408, 409) or status >= 500:
-            return "llm_unavailable", True, status, detail
+            return "llm_unavailable", True, status, f"{answered} (unavailable); try again shortly", exc.message
         if status in (400, 404, 413, 422):
-            return "llm_bad_request", False, status, detail
-        return "llm_error", False, status, detail
+            return "llm_bad_request", False, status, f"{answered} (it refused the request)", exc.message
+        return "llm_error", False, status, answered, exc.message
     if isinstance(exc, openai.APIResponseValidationError):
-        return "llm_bad_response", True, exc.status_code, "the language model service sent a response we cannot read"
+        return ("llm_bad_response", True, exc.status_code,
+                "the language model service sent a response we cannot read", None)
     if isinstance(exc, openai.APIError):  # an error event inside an otherwise successful stream
-        return "llm_unavailable", True, None, f"the language model stream failed: {exc.message}"
-    return "llm_error", False, None, f"the language model call failed: {exc}"
+        return "llm_unavailable", True, None, "the language model stream failed", exc.message
+    return "llm_error", False, None, "the language model call failed", str(exc)
 
 
 def _tool_param(name: str, description: str, parameters: dict[str, Any]) -> ChatCompletionFunctionToolParam:

@@ -133,7 +133,7 @@ class ClientSession:
         # Everything that can refuse the message is checked before anything (a new thread) is made.
         if thread_id not in self.feeds and len(self.feeds) >= MAX_SUBSCRIPTIONS:
             raise TooManySubscriptions()
-        self.services.runs.validate(content, agent, self.principal.is_admin)
+        self.services.runs.validate(content, agent, self.principal.is_admin, user_id)
         if thread_id is None:
             async with self.services.database.session() as session:
                 thread = await ThreadRepository(session).create(user_id, _title_from(content), None)
