@@ -76,6 +76,41 @@ def test_existing_thread_and_explicit_agent(live_server: LiveServer, client: htt
         assert error["type"] == "error" and error["id"] == "x1" and error["payload"]["code"] == "agent_not_found"
 
 
+def test_messages_on_a_followed_thread_are_acknowledged_in_order_and_each_answered_for_itself(
+        live_server: LiveServer, client: httpx.Client, account: Account) -> None:
+    """On a thread the connection already follows, a run may start while its message is being stored. The
+    client still sees `message_created`, then `ack`, then the run; and each run answers its own message,
+    including several sent at once, which run one after the other."""
+    with Chat(live_server.ws_url, account) as chat:
+        chat.send("user_message", {"content": "what is 12 * 7"})
+        first = chat.run_to_end()
+        thread_id = first[0]["payload"]["thread"]["id"]
+        questions = {"what is 3 * 3": "9", "what is 2 ** 10": "1024", "what is 100 - 1": "99"}
+        sent = [chat.send("user_message", {"thread_id": thread_id, "content": question}) for question in questions]
+        completed_runs: list[str] = []
+
+        def all_completed(frame: dict[str, Any]) -> bool:
+            if frame["type"] == "agent_completed":
+                completed_runs.append(frame["run_id"])
+            return len(completed_runs) == len(questions)
+
+        frames = chat.until(all_completed)
+
+    for request_id, (question, result) in zip(sent, questions.items(), strict=True):
+        ack_index = next(i for i, f in enumerate(frames) if f["type"] == "ack" and f["id"] == request_id)
+        ack = frames[ack_index]["payload"]
+        created = [i for i, f in enumerate(frames)
+                   if f["type"] == "message_created" and f["payload"]["message"]["id"] == ack["message_id"]]
+        started = [i for i, f in enumerate(frames) if f["type"] == "agent_started" and f["run_id"] == ack["run_id"]]
+        assert created and started and created[0] < ack_index < started[0], [f["type"] for f in frames]
+        assert frames[created[0]]["payload"]["message"]["content"] == question
+        completed = next(f for f in frames if f["type"] == "agent_completed" and f["run_id"] == ack["run_id"])
+        assert completed["payload"]["message"]["content"].strip().endswith(f"= {result}."), completed
+    assert_contiguous([f for f in frames if "seq" in f], first[-1]["seq"])
+    history = client.get(f"/api/threads/{thread_id}/messages", headers=account.headers).json()["items"]
+    assert [m["content"] for m in history if m["role"] == "user"] == ["what is 12 * 7", *questions]
+
+
 def test_every_connection_of_the_user_sees_the_thread_live(live_server: LiveServer, client: httpx.Client,
                                                            account: Account) -> None:
     thread = client.post("/api/threads", json={}, headers=account.headers).json()

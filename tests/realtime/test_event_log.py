@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, text
 from sqlalchemy.exc import IntegrityError
 
 from parley.realtime.bus import InProcessEventBus
-from parley.realtime.event_log import EventLog, ThreadGone, WriteRequest
+from parley.realtime.event_log import EventLog, PrecedingWriteFailed, ThreadGone, WriteRequest
 from parley.realtime.event_store import EventStore, write_batch
 from parley.realtime.events import EventType, NewEvent, StoredEvent
 from parley.realtime.feed import FeedState, ThreadFeed
@@ -219,3 +219,53 @@ async def test_events_lost_by_a_failed_unawaited_write_are_an_error_in_the_log(
     failures = [record for record in caplog.records if "unawaited_write_failed" in record.getMessage()]
     assert [record.levelname for record in failures] == ["ERROR"]
     assert "thread-x" in failures[0].getMessage() and "run-1" in failures[0].getMessage()
+
+
+async def test_a_request_after_one_that_failed_is_not_stored(world: World) -> None:
+    """A run started before its message was stored writes `after` the message's request: if that one fails,
+    nothing of the run is stored, even when the two share a batch."""
+    await world.log.write(WriteRequest(messages=[message_row("m-3")], owner_id=OWNER))
+    message = WriteRequest(events=[delta("thread-x", "message")], messages=[message_row("m-3")], owner_id=OWNER)
+    run_event = WriteRequest(events=[delta("thread-x", "run")], owner_id=OWNER, after=message)
+    unrelated = WriteRequest(events=[delta("thread-x", "unrelated")], owner_id=OWNER)
+    results = await asyncio.gather(world.log.write(message), world.log.write(run_event),
+                                   world.log.write(unrelated), return_exceptions=True)
+
+    assert isinstance(results[0], IntegrityError)
+    assert isinstance(results[1], PrecedingWriteFailed)
+    assert [event.payload for event in results[2]] == [{"text": "unrelated"}]  # type: ignore[union-attr]
+    assert await stored_seqs(world, "thread-x") == [1]
+
+
+async def test_a_request_after_one_whose_waiter_gave_up_is_not_stored(world: World) -> None:
+    async with world.log.store._lock:  # the writer is held up by the database with an earlier batch
+        await world.log.write(WriteRequest(events=[delta("thread-x", "earlier")], owner_id=OWNER), wait=False)
+        await asyncio.sleep(0.05)
+        message = WriteRequest(events=[delta("thread-x", "message")], owner_id=OWNER)
+        waiting = asyncio.ensure_future(world.log.write(message))
+        await asyncio.sleep(0)
+        waiting.cancel()  # its client gives up while it is still queued
+        await world.log.write(WriteRequest(events=[delta("thread-x", "run")], owner_id=OWNER, after=message),
+                              wait=False)
+    stored = await world.log.write(WriteRequest(events=[delta("thread-x", "later")], owner_id=OWNER))
+
+    assert [event.seq for event in stored] == [2]  # neither the message nor the run's event took a number
+    assert await stored_seqs(world, "thread-x") == [1, 2]
+
+
+async def test_on_stored_runs_between_its_own_events_and_the_next_requests(world: World) -> None:
+    """The `ack` of a message whose run started early goes out after `message_created` and before the run's
+    first event: `on_stored` runs between the two requests' events, though they share one commit."""
+    seen: list[str] = []
+    unsubscribe = await world.log.bus.subscribe("thread-x", lambda event: seen.append(event.payload["text"]))
+    message = WriteRequest(events=[delta("thread-x", "message")], owner_id=OWNER,
+                           on_stored=lambda events: seen.append(f"ack {events[0].seq}"))
+    async with world.log.store._lock:  # both wait in the queue, so they go in one batch
+        waiting = asyncio.ensure_future(world.log.write(message))
+        await asyncio.sleep(0)
+        await world.log.emit(delta("thread-x", "run"), OWNER, after=message)
+    await waiting
+    await world.log.write(WriteRequest(events=[delta("thread-x", "last")], owner_id=OWNER))
+    unsubscribe()
+
+    assert seen == ["message", "ack 1", "run", "last"]

@@ -15,17 +15,19 @@ NOW = datetime(2026, 11, 29, tzinfo=UTC)
 
 def commit(thread: str, seqs: range, messages: list[tuple[str, str]]) -> list[tuple[Any, list[StoredEvent]]]:
     request = WriteRequest.__new__(WriteRequest)  # only its rows are read; no future is needed
-    request.messages = [{"thread_id": thread, "role": role, "content": text} for role, text in messages]
+    request.messages = [{"id": f"m-{text}", "thread_id": thread, "role": role, "content": text}
+                        for role, text in messages]
     return [(request, [StoredEvent.make(thread, seq, None, "x", {}, NOW) for seq in seqs])]
 
 
 def test_appends_in_step_and_drops_on_a_gap() -> None:
     cache = HistoryCache(max_threads=10, limit=3)
     assert cache.get("t") is None
-    cache.put("t", [ChatMessage("user", "a")], last_seq=5)
+    cache.put("t", [("m-a", ChatMessage("user", "a"))], last_seq=5)
     cache.observe(commit("t", range(6, 8), [("user", "b"), ("tool", "ignored")]))
     cache.observe(commit("t", range(8, 11), [("assistant", "c"), ("user", "d")]))
-    assert [m.content for m in cache.get("t") or ()] == ["b", "c", "d"]  # bounded to the newest three
+    assert [(message_id, m.content) for message_id, m in cache.get("t") or ()] == [
+        ("m-b", "b"), ("m-c", "c"), ("m-d", "d")]  # bounded to the newest three
     cache.observe(commit("t", range(13, 14), [("user", "e")]))  # seq 11 and 12 were written elsewhere
     assert cache.get("t") is None
 
@@ -35,8 +37,8 @@ def test_a_copy_older_than_a_seen_commit_is_not_kept() -> None:
     cache.observe(commit("t", range(1, 4), [("user", "a")]))  # committed while the database was being read
     cache.put("t", [], last_seq=0)
     assert cache.get("t") is None
-    cache.put("t", [ChatMessage("user", "a")], last_seq=3)
-    assert cache.get("t") == (ChatMessage("user", "a"),)
+    cache.put("t", [("m-a", ChatMessage("user", "a"))], last_seq=3)
+    assert cache.get("t") == (("m-a", ChatMessage("user", "a")),)
 
 
 def test_the_number_of_threads_is_bounded() -> None:

@@ -1,5 +1,7 @@
 """What a run shows the model: the thread's recent messages, served from memory for threads active here.
 
+Each message is kept with its id, so a run can take the history up to its own message (see RunManager).
+
 The cache follows the event log: after every commit it appends the batch's messages to the threads it holds,
 if the batch continues exactly where the cached copy ends (its first seq is one past the cached last seq);
 any other batch (another process wrote to the thread) drops the copy, and the next run reads the database.
@@ -18,10 +20,12 @@ from parley.realtime.events import StoredEvent
 HISTORY_MESSAGES = 40
 ROLES = ("user", "assistant")
 
+HistoryItem = tuple[str, ChatMessage]  # (message id, the message as the model sees it)
+
 
 @dataclass
 class _Entry:
-    messages: deque[ChatMessage]
+    messages: deque[HistoryItem]
     last_seq: int
 
 
@@ -34,7 +38,7 @@ class HistoryCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, thread_id: str) -> tuple[ChatMessage, ...] | None:
+    def get(self, thread_id: str) -> tuple[HistoryItem, ...] | None:
         entry = self._entries.get(thread_id)
         if entry is None:
             self.misses += 1
@@ -43,7 +47,7 @@ class HistoryCache:
         self.hits += 1
         return tuple(entry.messages)
 
-    def put(self, thread_id: str, messages: Sequence[ChatMessage], last_seq: int) -> None:
+    def put(self, thread_id: str, messages: Sequence[HistoryItem], last_seq: int) -> None:
         """Keeps a copy read from the database at `last_seq`, unless a newer commit has been seen since."""
         if self._latest.get(thread_id, 0) > last_seq:
             return  # the copy is already behind; the next read will try again
@@ -55,7 +59,7 @@ class HistoryCache:
     def observe(self, committed: Sequence[tuple[WriteRequest, list[StoredEvent]]]) -> None:
         """Called by the event log after each commit, in commit order."""
         spans: dict[str, list[int]] = {}
-        added: dict[str, list[ChatMessage]] = {}
+        added: dict[str, list[HistoryItem]] = {}
         for request, events in committed:
             if events and len({event.thread_id for event in events}) == 1:  # usual: one thread, seqs ascending
                 head, tail = events[0], events[-1]
@@ -67,8 +71,8 @@ class HistoryCache:
                     span[0], span[1] = min(span[0], event.seq), max(span[1], event.seq)
             for row in request.messages:
                 if row["role"] in ROLES:
-                    added.setdefault(row["thread_id"], []).append(
-                        ChatMessage(role="user" if row["role"] == "user" else "assistant", content=row["content"]))
+                    added.setdefault(row["thread_id"], []).append((row["id"], ChatMessage(
+                        role="user" if row["role"] == "user" else "assistant", content=row["content"])))
         for thread_id, (first, last) in spans.items():
             self._latest[thread_id] = max(self._latest.get(thread_id, 0), last)
             self._latest.move_to_end(thread_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from parley.agents.base import (
     ToolStarted,
 )
 from parley.agents.context import UserExecutionContext
-from parley.agents.history import HISTORY_MESSAGES, HistoryCache
+from parley.agents.history import HISTORY_MESSAGES, HistoryCache, HistoryItem
 from parley.agents.leases import INTERRUPTED_MESSAGE, RunLeases, started_event
 from parley.agents.schemas import FINISHED_STATUSES, UNFINISHED_STATUSES, RunOut
 from parley.analytics.metered import MeteredLLM
@@ -45,8 +46,8 @@ from parley.ids import new_id
 from parley.llm.base import ChatMessage, LLMError, LLMProvider, Usage
 from parley.observability.logging import get_logger
 from parley.realtime.bus import EventBus
-from parley.realtime.event_log import EventLog, RunChange, ThreadGone, WriteRequest
-from parley.realtime.events import EventType, NewEvent
+from parley.realtime.event_log import EventLog, PrecedingWriteFailed, RunChange, ThreadGone, WriteRequest
+from parley.realtime.events import EventType, NewEvent, StoredEvent
 from parley.settings import Settings
 from parley.storage.database import Database
 from parley.storage.models import Message, Run, Thread
@@ -77,6 +78,7 @@ class Submission:
     message_seq: int | None = None  # seq of the `message_created` event (None for a replayed submission)
     request_id: str = ""
     is_admin: bool = False
+    launched: bool = False  # its run was started with it (`submit(..., acknowledge=...)`)
 
 
 @dataclass
@@ -86,6 +88,7 @@ class _RunState:
     llm: MeteredLLM
     started_at: datetime | None = None
     announced: bool = False  # its `agent_started` is queued for the log (else the terminal write adds one)
+    after: WriteRequest | None = None  # its writes are stored only if this one (its message's) was
     answer: list[str] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     usage: Usage = field(default_factory=lambda: Usage(0, 0, ""))
@@ -106,6 +109,7 @@ class _LocalRun:
     # Resolved when the thread's next run may start: this run has ended, and so have the runs ahead of it.
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     previous: asyncio.Future[None] | None = None  # the `done` of the thread's run launched before this one
+    after: WriteRequest | None = None  # its message's write, when it started before that was stored
 
 
 class RunManager:
@@ -138,8 +142,14 @@ class RunManager:
     # --- accepting work ------------------------------------------------------------------------------------
     async def submit(self, session: AsyncSession | None, thread_id: str, user_id: str, content: str, *,
                      agent: str | None, on_busy: str, client_message_id: str | None, request_id: str,
-                     is_admin: bool) -> Submission:
+                     is_admin: bool, acknowledge: Callable[[Submission], None] | None = None) -> Submission:
         """Stores the user's message, its run (queued) and `message_created`; starts nothing (see `launch`).
+
+        With `acknowledge`, for a caller that knows the thread is the user's (its connection follows it), a
+        message that needs no read first (`enqueue`, no client_message_id) starts its run at once instead:
+        the run's work overlaps the message's commit and its events are queued behind it, stored only if the
+        message is. `acknowledge` is called once the message is stored, after its `message_created` is
+        published and before any of the run's events are; the returned submission says `launched`.
 
         The thread's ownership is enforced by the write itself (the event log updates the thread row only where
         it belongs to `user_id`): a thread that is not the user's is `ThreadGone`, a 404. Ends the caller's
@@ -152,14 +162,14 @@ class RunManager:
         self._submitting_threads[user_id, thread_id] += 1
         try:
             return await self._submit(session, thread_id, user_id, content, agent_name, on_busy, client_message_id,
-                                      request_id, is_admin)
+                                      request_id, is_admin, acknowledge)
         finally:
             _release(self._submitting, user_id)
             _release(self._submitting_threads, (user_id, thread_id))
 
     async def _submit(self, session: AsyncSession | None, thread_id: str, user_id: str, content: str,
                       agent_name: str, on_busy: str, client_message_id: str | None, request_id: str,
-                      is_admin: bool) -> Submission:
+                      is_admin: bool, acknowledge: Callable[[Submission], None] | None = None) -> Submission:
         if session is None and (client_message_id is not None or on_busy != "enqueue"):
             async with self.database.session() as own:
                 return await self._submit(own, thread_id, user_id, content, agent_name, on_busy, client_message_id,
@@ -192,9 +202,13 @@ class RunManager:
                    "lease_until": now + timedelta(seconds=self.settings.run_lease_s)}
         message_fields = _message_fields(message_row)
         event = NewEvent(thread_id, None, EventType.MESSAGE_CREATED, {"message": message_fields})
+        request = WriteRequest(events=[event], messages=[message_row], runs=[run_row], owner_id=user_id)
+        submission = Submission(message=MessageOut.model_validate(message_fields), run=_run_out(run_row),
+                                created=True, user_id=user_id, request_id=request_id, is_admin=is_admin)
+        if acknowledge is not None and session is None:  # (a session is opened only for a message that reads)
+            return await self._submit_and_launch(submission, request, acknowledge)
         try:
-            stored = await self.event_log.write_for_client(WriteRequest(
-                events=[event], messages=[message_row], runs=[run_row], owner_id=user_id))
+            stored = await self.event_log.write_for_client(request)
         except IntegrityError:
             if client_message_id is None or session is None:
                 raise
@@ -203,9 +217,21 @@ class RunManager:
             if existing is None:
                 raise
             return existing
-        return Submission(message=MessageOut.model_validate(message_fields), run=_run_out(run_row), created=True,
-                          user_id=user_id,
-                          message_seq=stored[0].seq, request_id=request_id, is_admin=is_admin)
+        return dataclasses.replace(submission, message_seq=stored[0].seq)
+
+    async def _submit_and_launch(self, submission: Submission, request: WriteRequest,
+                                 acknowledge: Callable[[Submission], None]) -> Submission:
+        def stored(events: list[StoredEvent]) -> None:
+            acknowledge(dataclasses.replace(submission, message_seq=events[0].seq, launched=True))
+
+        request.on_stored = stored
+        try:
+            events = await self.event_log.write_for_client(request, queued=lambda: self.launch(submission, request))
+        except BaseException:
+            # Not stored (or no longer awaited): the run, started or not, ends without a trace of its own.
+            self._cancel_local(submission.run.id, "its message could not be stored")
+            raise
+        return dataclasses.replace(submission, message_seq=events[0].seq, launched=True)
 
     def validate(self, content: str, agent: str | None, is_admin: bool, user_id: str) -> str:
         """Refuses, before anything is made for it, a message that could not start a run now: the service is
@@ -239,12 +265,14 @@ class RunManager:
             Run.thread_id == thread_id, Run.user_id == user_id, Run.status.in_(UNFINISHED_STATUSES)))
         return list(rows)
 
-    def launch(self, submission: Submission) -> None:
-        """Starts executing a submitted run (after the caller has told its client about it)."""
-        if not submission.created or self._stopping:
+    def launch(self, submission: Submission, after: WriteRequest | None = None) -> None:
+        """Starts executing a submitted run (after the caller has told its client about it). With `after` (its
+        message's write, still queued), the run's writes are stored only if that one is."""
+        if not submission.created or submission.launched or self._stopping:
             return
         run = submission.run
-        local = _LocalRun(run.id, run.thread_id, submission.user_id, previous=self._thread_tail.get(run.thread_id))
+        local = _LocalRun(run.id, run.thread_id, submission.user_id, previous=self._thread_tail.get(run.thread_id),
+                          after=after)
         self._thread_tail[run.thread_id] = local.done
         self._local[run.id] = local
         local.task = asyncio.create_task(self._execute(local, submission), name=f"run-{run.id}")
@@ -293,7 +321,7 @@ class RunManager:
         run = submission.run
         ctx = UserExecutionContext(user_id=local.user_id, thread_id=run.thread_id, run_id=run.id,
                                    request_id=submission.request_id, agent=run.agent, is_admin=submission.is_admin)
-        state = _RunState(llm=MeteredLLM(self.llm, ctx, self.telemetry, self.prices))
+        state = _RunState(llm=MeteredLLM(self.llm, ctx, self.telemetry, self.prices), after=local.after)
         # This task's own log context: every line it (or a tool) writes can be followed by run_id.
         structlog.contextvars.bind_contextvars(**ctx.log_fields(), agent=ctx.agent)
         local.started = True
@@ -305,18 +333,19 @@ class RunManager:
                     await asyncio.shield(local.previous)  # runs of one thread execute in order
                 async with self._user_slot(local.user_id):
                     state.started_at = utcnow()
-                    await self._emit(ctx, EventType.AGENT_STARTED,
+                    await self._emit(ctx, state, EventType.AGENT_STARTED,
                                      {"agent": run.agent, "input_message_id": submission.message.id},
                                      run_changes=[RunChange(run.id, {"status": "running",
                                                                      "started_at": state.started_at})])
                     state.announced = True  # (a cancel while it waited for room in the queue left it out)
                     agent = self.agents.get(run.agent, submission.is_admin)
                     async with asyncio.timeout(self.settings.run_timeout_s):
-                        async for event in await self._agent_events(agent, ctx, state.llm):
+                        async for event in await self._agent_events(agent, ctx, state.llm, submission.message):
                             if isinstance(event, TextChunk):  # most of a run's events: straight to the log
                                 state.answer.append(event.text)
                                 await self.event_log.emit(
-                                    self._event(ctx, EventType.AGENT_DELTA, {"text": event.text}), ctx.user_id)
+                                    self._event(ctx, EventType.AGENT_DELTA, {"text": event.text}), ctx.user_id,
+                                    after=state.after)
                             else:
                                 await self._record(ctx, event, state)
                 local.finishing = True
@@ -326,8 +355,8 @@ class RunManager:
                     raise  # not ours: the loop itself is going away
                 local.finishing = True
                 await self._finish_cancelled(ctx, state, local)
-            except ThreadGone:
-                raise  # deleted under the run: nothing left to write to
+            except (ThreadGone, PrecedingWriteFailed):
+                raise  # deleted under the run, or its message never stored: nothing left to write to
             except TimeoutError:
                 local.finishing = True
                 await self._finish_error(ctx, state, "run_timeout",
@@ -342,24 +371,27 @@ class RunManager:
                 await self._finish_error(ctx, state, "agent_failed", "The agent failed unexpectedly.", "failed")
         except ThreadGone:  # the user deleted the thread: its runs, messages and events went with it
             log.info("run_thread_deleted", **ctx.log_fields())
+        except PrecedingWriteFailed:  # its message was not stored (the caller was told): neither is the run
+            log.info("run_message_not_stored", **ctx.log_fields())
         except Exception:  # even the terminal event could not be stored; the sweeper will interrupt the run
             log.exception("run_terminal_write_failed", **ctx.log_fields())
         finally:
             self._forget(local)
 
-    async def _agent_events(self, agent: Agent, ctx: UserExecutionContext, llm: LLMProvider) -> AsyncIterator[Any]:
+    async def _agent_events(self, agent: Agent, ctx: UserExecutionContext, llm: LLMProvider,
+                            message: MessageOut) -> AsyncIterator[Any]:
         """The agent's run, ready to iterate, with this run's own dispatcher (gone with it)."""
         dispatcher = ToolDispatcher(ctx, self.tools.select(agent.tool_names))
-        history = await self._history(ctx)
+        history = await self._history(ctx, message)
         run_input = AgentInput(history=history, dispatcher=dispatcher, llm=llm,
                                max_steps=self.settings.agent_max_steps)
         return agent.run(ctx, run_input)
 
     async def _record(self, ctx: UserExecutionContext, event: Any, state: _RunState) -> None:
         if isinstance(event, Thinking):  # (text deltas are handled by the run loop itself)
-            await self._emit(ctx, EventType.AGENT_THINKING, {"text": event.text})
+            await self._emit(ctx, state, EventType.AGENT_THINKING, {"text": event.text})
         elif isinstance(event, ToolStarted):
-            await self._emit(ctx, EventType.TOOL_EXECUTING,
+            await self._emit(ctx, state, EventType.TOOL_EXECUTING,
                              {"call_id": event.call_id, "tool": event.tool, "arguments": event.arguments})
         elif isinstance(event, ToolFinished):
             outcome = event.outcome
@@ -370,29 +402,39 @@ class RunManager:
             self.telemetry.record(ToolCallRecord(
                 ts=utcnow(), user_id=ctx.user_id, thread_id=ctx.thread_id, run_id=ctx.run_id, agent=ctx.agent,
                 tool=outcome.tool, duration_ms=outcome.duration_ms, ok=outcome.ok))
-            await self._emit(ctx, EventType.TOOL_COMPLETED, payload)
+            await self._emit(ctx, state, EventType.TOOL_COMPLETED, payload)
         elif isinstance(event, Finished):
             state.usage = event.usage
 
-    async def _history(self, ctx: UserExecutionContext) -> tuple[ChatMessage, ...]:
-        cached = self.history.get(ctx.thread_id)
-        if cached is not None:
-            return cached
+    async def _history(self, ctx: UserExecutionContext, message: MessageOut) -> tuple[ChatMessage, ...]:
+        """The thread's recent messages up to and including the run's own `message`. A run can start before its
+        message is stored (then it is added) or after later messages were (then they are left out)."""
+        items = self.history.get(ctx.thread_id)
+        if items is None:
+            items = await self._read_history(ctx)
+        ids = [message_id for message_id, _ in items]
+        if message.id in ids:
+            items = items[:ids.index(message.id) + 1]
+        else:
+            items = (*items, (message.id, ChatMessage(role="user", content=message.content)))[-HISTORY_MESSAGES:]
+        return tuple(chat for _, chat in items)
+
+    async def _read_history(self, ctx: UserExecutionContext) -> tuple[HistoryItem, ...]:
         last_seq = select(Thread.last_seq).where(Thread.id == ctx.thread_id).scalar_subquery()
         async with self.database.engine.connect() as connection:
             # One statement, so the messages and the seq they are current to come from one snapshot.
             rows = (await connection.execute(
-                select(Message.role, Message.content, last_seq)
+                select(Message.id, Message.role, Message.content, last_seq)
                 .where(Message.thread_id == ctx.thread_id, Message.user_id == ctx.user_id,
                        Message.role.in_(("user", "assistant")))
                 .order_by(Message.created_at.desc(), Message.id.desc())
                 .limit(HISTORY_MESSAGES)
             )).all()
-        messages = tuple(ChatMessage(role="user" if role == "user" else "assistant", content=content)
-                         for role, content, _ in reversed(rows))
+        items = tuple((message_id, ChatMessage(role="user" if role == "user" else "assistant", content=content))
+                      for message_id, role, content, _ in reversed(rows))
         if rows:
-            self.history.put(ctx.thread_id, messages, int(rows[0][2]))
-        return messages
+            self.history.put(ctx.thread_id, items, int(rows[0][3]))
+        return items
 
     @contextlib.asynccontextmanager
     async def _user_slot(self, user_id: str) -> AsyncIterator[None]:
@@ -421,11 +463,11 @@ class RunManager:
             del self._thread_tail[local.thread_id]
 
     # --- events --------------------------------------------------------------------------------------------
-    async def _emit(self, ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any],
+    async def _emit(self, ctx: UserExecutionContext, state: _RunState, type_: EventType, payload: dict[str, Any],
                     run_changes: Sequence[RunChange] = ()) -> None:
         """Queues one of the run's events for the log without waiting for the commit (it is still stored
         before anyone is sent it); the write only lands in the run's user's own thread."""
-        await self.event_log.emit(self._event(ctx, type_, payload), ctx.user_id, run_changes)
+        await self.event_log.emit(self._event(ctx, type_, payload), ctx.user_id, run_changes, state.after)
 
     @staticmethod
     def _event(ctx: UserExecutionContext, type_: EventType, payload: dict[str, Any]) -> NewEvent:
@@ -447,7 +489,7 @@ class RunManager:
                 "status": status, "finished_at": now, "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens, "model": usage.model, "cost_usd": state.llm.cost_usd,
                 "lease_until": None, **changes})],
-            owner_id=ctx.user_id)))
+            owner_id=ctx.user_id, after=state.after)))
         duration = (now - state.started_at).total_seconds() * 1000 if state.started_at else 0.0
         self.telemetry.record(RunRecord(
             ts=now, user_id=ctx.user_id, thread_id=ctx.thread_id, run_id=ctx.run_id, agent=ctx.agent,

@@ -41,6 +41,11 @@ class ThreadGone(NotFound):
     message = "Thread not found."
 
 
+class PrecedingWriteFailed(Exception):
+    """Not stored because the request it must follow (`WriteRequest.after`) was not: a run whose message
+    could not be stored leaves nothing behind."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunChange:
     """New values for some columns of one run."""
@@ -60,6 +65,12 @@ class WriteRequest:
     owner_id: str | None = None
     # Resolved with the stored events (or the error) once committed; made by `write` only when someone waits.
     future: asyncio.Future[list[StoredEvent]] | None = None
+    # Stored only if this earlier request was (a run started before its message was stored).
+    after: WriteRequest | None = None
+    # Called once stored, after this request's events are handed to the bus and before any later request's
+    # (not if its waiter gave up meanwhile: that one has been answered with an error already).
+    on_stored: Callable[[list[StoredEvent]], None] | None = None
+    outcome: bool | None = None  # True once stored, False once failed or given up; None while pending
 
     def thread_ids(self) -> set[str]:
         ids = {event.thread_id for event in self.events}
@@ -94,22 +105,27 @@ class EventLog:
         self._tail: WriteRequest | None = None  # the last fire-and-forget request, while still queued
 
     # --- producing -----------------------------------------------------------------------------------------
-    async def write(self, request: WriteRequest, wait: bool = True) -> list[StoredEvent]:
+    async def write(self, request: WriteRequest, wait: bool = True,
+                    queued: Callable[[], None] | None = None) -> list[StoredEvent]:
         """Queues `request`; with `wait`, returns its stored events once committed (or raises its error).
 
         Without `wait` it returns at once (after waiting for queue space, the backpressure); the events are
-        still stored before anyone is sent them."""
+        still stored before anyone is sent them. `queued` is called as soon as the request is in the queue:
+        whatever is queued from then on is stored after it."""
         self._check_running()
         if wait:
             request.future = asyncio.get_running_loop().create_future()
             await self._queue.put(request)
+            if queued is not None:
+                queued()
             return await request.future
         await self._queue.put(request)
         if _appendable(request) and len(request.thread_ids()) == 1:
             self._tail = request
         return []
 
-    async def write_for_client(self, request: WriteRequest) -> list[StoredEvent]:
+    async def write_for_client(self, request: WriteRequest,
+                               queued: Callable[[], None] | None = None) -> list[StoredEvent]:
         """`write` for a client who waits for the answer (a new message): refused at once while the log cannot
         store anything, and given up after `answer_within_s`, with 503 `database_unavailable` either way. A
         request given up is never stored later (the writer skips a request nobody waits for any more), so a
@@ -118,11 +134,12 @@ class EventLog:
             raise DatabaseUnavailable(retry_after=self.retry_after_s)
         try:
             async with asyncio.timeout(self.answer_within_s):
-                return await self.write(request)
+                return await self.write(request, queued=queued)
         except TimeoutError:
             raise DatabaseUnavailable(retry_after=self.retry_after_s) from None
 
-    async def emit(self, event: NewEvent, owner_id: str | None, run_changes: Sequence[RunChange] = ()) -> None:
+    async def emit(self, event: NewEvent, owner_id: str | None, run_changes: Sequence[RunChange] = (),
+                   after: WriteRequest | None = None) -> None:
         """Queues one event (and run changes) without waiting for the commit; the event is still stored before
         anyone is sent it. A run's events come in bursts: while the previous request of the same thread and
         owner still waits in the queue, the event joins it (same order, same commit), sparing a request and
@@ -130,12 +147,13 @@ class EventLog:
         self._check_running()
         tail = self._tail
         if tail is not None and tail.owner_id == owner_id and len(tail.events) < MERGE_MAX_EVENTS \
-                and tail.events[0].thread_id == event.thread_id:  # one thread per request: stored or not, whole
+                and tail.events[0].thread_id == event.thread_id and tail.after is after:  # stored or not, whole
             tail.events.append(event)  # type: ignore[attr-defined]
             if run_changes:
                 tail.run_changes.extend(run_changes)  # type: ignore[attr-defined]
             return
-        await self.write(WriteRequest(events=[event], run_changes=list(run_changes), owner_id=owner_id), wait=False)
+        await self.write(WriteRequest(events=[event], run_changes=list(run_changes), owner_id=owner_id, after=after),
+                         wait=False)
 
     def _check_running(self) -> None:
         if self._stopping or self._task is None:
@@ -260,7 +278,14 @@ class EventLog:
         await self._deliver(stored)
 
     async def _commit(self, batch: list[WriteRequest]) -> list[tuple[WriteRequest, list[StoredEvent]]]:
-        live = [request for request in batch if not _settled(request)]
+        live = []
+        for request in batch:  # in queue order: a request's `after` is decided before it (or in this batch)
+            if request.after is not None and request.after.outcome is False:
+                _fail_all([request], PrecedingWriteFailed())
+            elif _settled(request):
+                request.outcome = False  # its waiter gave up: never stored later
+            else:
+                live.append(request)
         now = utcnow()
         started = time.perf_counter()
         result = await self.store.transaction(lambda connection: write_batch(connection, live, now))
@@ -271,6 +296,7 @@ class EventLog:
             if events is None:
                 _fail_all([request], ThreadGone())
             else:
+                request.outcome = True
                 stored.append((request, events))
         return stored
 
@@ -283,8 +309,23 @@ class EventLog:
         for request, request_events in stored:
             if request.future is not None and not request.future.done():
                 request.future.set_result(request_events)
-        if events:
-            await self.bus.publish(events)
+        if not any(request.on_stored is not None for request, _ in stored):
+            if events:
+                await self.bus.publish(events)
+            return
+        unpublished: list[StoredEvent] = []
+        for request, request_events in stored:  # each callback between its own events and the next request's
+            unpublished.extend(request_events)
+            if request.on_stored is not None and not (request.future is not None and request.future.cancelled()):
+                if unpublished:
+                    await self.bus.publish(unpublished)
+                    unpublished = []
+                try:
+                    request.on_stored(request_events)
+                except Exception:  # a receiver's failure must not cost the others their events
+                    log.exception("on_stored_failed")
+        if unpublished:
+            await self.bus.publish(unpublished)
 
 
 def _appendable(request: WriteRequest) -> bool:
@@ -300,10 +341,11 @@ def _settled(request: WriteRequest) -> bool:
 
 def _fail_all(batch: list[WriteRequest], exc: BaseException) -> None:
     for request in batch:
+        request.outcome = False
         if request.future is None:
             # Nobody waits to hear of it. A deleted thread is expected (its runs are being cancelled); any other
             # failure lost events that clients will never get: an error for the operator, with what was lost.
-            if isinstance(exc, ThreadGone):
+            if isinstance(exc, ThreadGone | PrecedingWriteFailed):  # expected, and reported where it began
                 log.debug("unawaited_write_failed", reason=describe(exc))
             elif isinstance(exc, ServiceUnavailable):  # still queued when the service stopped
                 log.warning("unawaited_write_failed", reason=describe(exc), events=len(request.events))

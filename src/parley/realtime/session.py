@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from parley.agents.runs import RunManager
+from parley.agents.runs import RunManager, Submission
 from parley.agents.schemas import RunOut
 from parley.auth.tokens import Principal
 from parley.clock import utcnow
@@ -141,13 +141,22 @@ class ClientSession:
             thread_id = thread.id
             self.send(EventType.THREAD_CREATED, {"thread": ThreadOut.of(thread).model_dump()}, request_id,
                       thread_id)
+        def acknowledge(submission: Submission) -> None:
+            self.send(EventType.ACK, {"message_id": submission.message.id, "run_id": submission.run.id,
+                                      "thread_id": submission.run.thread_id}, request_id, submission.run.thread_id)
+
         # No read first: the write checks that the thread is this user's (else `not_found`). A session is
-        # opened only if the message needs one (idempotency, the busy policy).
+        # opened only if the message needs one (idempotency, the busy policy). On a thread this connection
+        # already follows (so it is the user's), the run may start while the message is being stored; the
+        # `ack` then goes out as soon as it is, between `message_created` and the run's first event.
+        following = thread_id in self.feeds
         submission = await self.services.runs.submit(
             None, thread_id, user_id, content, agent=agent, on_busy=on_busy, client_message_id=client_message_id,
-            request_id=request_id or self.connection.id, is_admin=self.principal.is_admin)
-        self.send(EventType.ACK, {"message_id": submission.message.id, "run_id": submission.run.id,
-                                  "thread_id": thread_id}, request_id, thread_id)
+            request_id=request_id or self.connection.id, is_admin=self.principal.is_admin,
+            acknowledge=acknowledge if following else None)
+        if submission.launched:
+            return
+        acknowledge(submission)
         if thread_id not in self.feeds:
             # The client knows its own message: its feed starts with the run. A repeated submission (same
             # client_message_id) starts where its run's events begin.
