@@ -4,6 +4,7 @@ roll-ups checked against figures computed by hand, and against the same roll-ups
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -190,6 +191,38 @@ async def test_usage_rollups_from_the_primary_database_are_the_same(
         await database.dispose()
     assert source == "database"
     assert_items(items, expected)
+
+
+async def test_the_database_rollup_of_many_runs_equals_percentiles_over_every_duration(
+        make_settings: SettingsFactory) -> None:
+    """The database computes the rollup itself (it returns only the ranks the percentiles need); the figures
+    are those of `percentile` over every run, for groups of every size, a run that never started included."""
+    database = await seed_primary_database(make_settings())
+    randomness = random.Random(7)
+    durations: dict[str, list[float]] = {}
+    try:
+        async with database.session() as session:
+            for index in range(1_203):
+                model = f"m{index % 7}" if index % 50 else "lone"
+                duration = float(randomness.randint(1, 120_000))
+                finished = DAY1 + timedelta(hours=1)
+                started = None if index == 11 else finished - timedelta(milliseconds=duration)
+                durations.setdefault(model, []).append(duration if started else 0.0)
+                session.add(Run(id=f"many-{index}", thread_id="t-alice", user_id="alice", agent="assistant",
+                                status="completed", input_message_id=None, created_at=DAY2, started_at=started,
+                                finished_at=finished, input_tokens=1, output_tokens=2,
+                                cost_usd=0.001, model=model, worker_id=None, lease_until=None))
+            await session.commit()
+        items, _ = await UsageService(database, DisabledSink()).usage(
+            "alice", DAY1 + timedelta(minutes=30), DAY1 + timedelta(hours=2), "model")
+    finally:
+        await database.dispose()
+    assert [item.key for item in items] == sorted(durations)
+    for item in items:
+        values = durations[item.key]
+        assert (item.runs, item.input_tokens, item.output_tokens) == (len(values), len(values), 2 * len(values))
+        assert item.latency_ms_p50 == pytest.approx(percentile(values, 0.5))
+        assert item.latency_ms_p95 == pytest.approx(percentile(values, 0.95))
 
 
 def test_percentile_interpolates_like_clickhouse() -> None:

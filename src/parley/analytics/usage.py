@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Select, SQLColumnExpression, extract, func, or_, select
 
 from parley.analytics.sink import AnalyticsSink, AnalyticsUnavailable
 from parley.observability.logging import get_logger
@@ -87,29 +87,73 @@ class UsageService:
 
     async def _from_database(self, user_id: str | None, since: datetime, until: datetime,
                              group_by: GroupBy) -> list[UsageItem]:
-        query = select(Run.user_id, Run.agent, Run.model, Run.started_at, Run.finished_at, Run.input_tokens,
-                       Run.output_tokens, Run.cost_usd).where(
-            Run.status.in_(FINISHED), Run.finished_at >= since, Run.finished_at < until)
+        """The same figures, computed by the database: one GROUP BY for the totals, and one ranking of
+        durations that returns only the ranks the percentiles need, so no request moves a user's whole run
+        history into the server. Durations are exact to the microsecond on PostgreSQL and to the millisecond
+        on SQLite (its date arithmetic's resolution)."""
+        dialect = self.database.dialect
+        key = _database_key(group_by, dialect)
+        conditions = [Run.status.in_(FINISHED), Run.finished_at >= since, Run.finished_at < until]
         if user_id is not None:
-            query = query.where(Run.user_id == user_id)
-        totals: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
-        durations: dict[str, list[float]] = defaultdict(list)
+            conditions.append(Run.user_id == user_id)
+        totals_query: Select[Any, int, int, int, float] = (
+            select(key.label("key"), func.count(), func.sum(Run.input_tokens), func.sum(Run.output_tokens),
+                   func.sum(Run.cost_usd))
+            .where(*conditions).group_by(key).order_by(key))
+        runs = select(key.label("key"), _database_duration(dialect).label("duration")).where(*conditions).subquery()
+        ranked = select(
+            runs.c.key, runs.c.duration,
+            (func.row_number().over(partition_by=runs.c.key, order_by=runs.c.duration) - 1).label("rank"),
+            func.count().over(partition_by=runs.c.key).label("n"),
+        ).subquery()
+        last = ranked.c.n - 1
+        lows = [last * percent // 100 for percent in _PERCENTS]
+        ranks_query = select(ranked.c.key, ranked.c.rank, ranked.c.duration).where(
+            or_(*(ranked.c.rank == low for low in lows), *(ranked.c.rank == low + 1 for low in lows)))
         async with self.database.session() as session:
-            result = await session.stream(query.execution_options(yield_per=2000))
-            async for user, agent, model, started, finished, tokens_in, tokens_out, cost in result:
-                assert finished is not None  # the query asks for finished runs only
-                key = {"day": finished.date().isoformat(), "model": model or "", "agent": agent,
-                       "user": user}[group_by]
-                entry = totals[key]
-                entry[0] += 1
-                entry[1] += tokens_in
-                entry[2] += tokens_out
-                entry[3] += cost
-                durations[key].append(((finished - started).total_seconds() * 1000) if started else 0.0)
-        return [UsageItem(key=key, runs=int(entry[0]), input_tokens=int(entry[1]), output_tokens=int(entry[2]),
-                          cost_usd=round(entry[3], 10), latency_ms_p50=percentile(durations[key], 0.5),
-                          latency_ms_p95=percentile(durations[key], 0.95))
-                for key, entry in sorted(totals.items())]
+            totals = (await session.execute(totals_query)).all()
+            durations: dict[str, dict[int, float]] = defaultdict(dict)
+            for key_value, rank, duration in await session.execute(ranks_query):
+                durations[str(key_value)][int(rank)] = float(duration or 0.0)
+        items = []
+        for key_value, runs_count, tokens_in, tokens_out, cost in totals:
+            at_rank = durations[str(key_value)]
+            p50, p95 = (_interpolated(at_rank, int(runs_count), percent) for percent in _PERCENTS)
+            items.append(UsageItem(key=str(key_value), runs=int(runs_count), input_tokens=int(tokens_in or 0),
+                                   output_tokens=int(tokens_out or 0), cost_usd=round(float(cost or 0.0), 10),
+                                   latency_ms_p50=p50, latency_ms_p95=p95))
+        return items
+
+
+_PERCENTS = (50, 95)
+
+
+def _database_key(group_by: GroupBy, dialect: str) -> SQLColumnExpression[Any]:
+    if group_by == "day":  # the UTC date the run finished
+        if dialect == "sqlite":
+            return func.date(Run.finished_at)  # stored as UTC text
+        return func.to_char(func.timezone("UTC", Run.finished_at), "YYYY-MM-DD")
+    return {"model": func.coalesce(Run.model, ""), "agent": Run.agent, "user": Run.user_id}[group_by]
+
+
+def _database_duration(dialect: str) -> ColumnElement[Any]:
+    """A run's duration in ms (0 for a run that never started)."""
+    elapsed: ColumnElement[Any]
+    if dialect == "sqlite":  # julianday has millisecond resolution; rounding removes its floating-point noise
+        elapsed = func.round((func.julianday(Run.finished_at) - func.julianday(Run.started_at)) * 86_400_000.0)
+    else:
+        elapsed = extract("epoch", Run.finished_at - Run.started_at) * 1000
+    return func.coalesce(elapsed, 0.0)
+
+
+def _interpolated(at_rank: dict[int, float], count: int, percent: int) -> float | None:
+    """`percentile` over the ranks the query returned: the same linear interpolation, in exact arithmetic."""
+    if count == 0:
+        return None
+    low = (count - 1) * percent // 100
+    high = min(low + 1, count - 1)
+    fraction = ((count - 1) * percent - low * 100) / 100
+    return at_rank[low] + (at_rank[high] - at_rank[low]) * fraction
 
 
 def _naive_utc(moment: datetime) -> datetime:
