@@ -269,3 +269,28 @@ async def test_on_stored_runs_between_its_own_events_and_the_next_requests(world
     unsubscribe()
 
     assert seen == ["message", "ack 1", "run", "last"]
+
+
+async def test_a_message_whose_commit_is_under_way_at_the_deadline_is_answered_by_that_commit(world: World) -> None:
+    """Giving up on a message must not tell its client it failed while the commit that stores it is under
+    way: that attempt decides. (One not yet taken is refused and never stored: test_database_outage.)"""
+    world.log.answer_within_s = 0.1
+    async with world.log.store._lock:  # the transaction has begun and is slow
+        writing = asyncio.ensure_future(world.log.write_for_client(
+            WriteRequest(events=[delta("thread-x", "slow")], owner_id=OWNER)))
+        await asyncio.sleep(0.3)  # past the deadline
+        assert not writing.done()
+    stored = await writing
+    assert [event.seq for event in stored] == [1]
+    assert await stored_seqs(world, "thread-x") == [1]
+
+
+async def test_a_request_an_earlier_attempt_stored_is_not_stored_again(world: World) -> None:
+    """A batch retried after an outage skips what an earlier attempt already stored (while it isolated a
+    failing request) instead of storing it twice or marking it failed."""
+    request = WriteRequest(events=[delta("thread-x", "once")], owner_id=OWNER)
+    await world.log._commit([request])
+    assert request.outcome is True
+    assert await world.log._commit([request]) == []
+    assert request.outcome is True
+    assert await stored_seqs(world, "thread-x") == [1]

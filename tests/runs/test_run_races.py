@@ -221,3 +221,45 @@ async def test_a_run_stopped_while_its_start_waits_for_room_in_the_log_still_beg
     finally:
         services.lifecycle.begin_drain()
         await services.lifecycle.stop(10)
+
+
+async def test_a_message_that_would_start_early_keeps_its_place_behind_one_queued_first(
+        make_settings: SettingsFactory) -> None:
+    """Two messages to one thread: the first on a path that starts its run after the commit (REST), the second
+    from a connection that follows the thread, queued while the first is still being stored. The second must
+    not start ahead of the first: the thread's runs go in the order of their messages."""
+    services = build_services(make_settings(builtin_token_delay_s=0))
+    await services.lifecycle.start()
+    log = services.runs.event_log
+    try:
+        first = await submit(services)
+        services.runs.launch(first)
+        await wait_until_idle(services)
+        thread_id, user_id = first.run.thread_id, first.user_id
+
+        async def post(content: str) -> Any:  # as the REST route does: launch as soon as it is stored
+            submission = await services.runs.submit(None, thread_id, user_id, content, agent=None,
+                                                    on_busy="enqueue", client_message_id=None, request_id="rest",
+                                                    is_admin=False)
+            services.runs.launch(submission)
+            return submission
+
+        acknowledged: list[str] = []
+        async with log.store._lock:  # both messages wait in the queue together
+            over_rest = asyncio.ensure_future(post("what is 1+1"))
+            await asyncio.sleep(0)
+            over_ws = asyncio.ensure_future(services.runs.submit(
+                None, thread_id, user_id, "what is 2+2", agent=None, on_busy="enqueue", client_message_id=None,
+                request_id="ws", is_admin=False, acknowledge=lambda s: acknowledged.append(s.run.id)))
+            await asyncio.sleep(0.05)
+        rest, ws = await over_rest, await over_ws
+        await wait_until_idle(services)
+
+        assert acknowledged == [ws.run.id]
+        async with services.database.session() as session:
+            events = await EventLog.read(session, thread_id, 0, 1000)
+        started = [event.run_id for event in events if event.type == "agent_started"]
+        assert started[-2:] == [rest.run.id, ws.run.id]
+    finally:
+        services.lifecycle.begin_drain()
+        await services.lifecycle.stop(10)

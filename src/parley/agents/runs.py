@@ -224,13 +224,23 @@ class RunManager:
         def stored(events: list[StoredEvent]) -> None:
             acknowledge(dataclasses.replace(submission, message_seq=events[0].seq, launched=True))
 
+        def queued() -> None:
+            # Only if no other message to this thread is being submitted: one that was queued first, on a path
+            # that starts its run after the commit, must keep its place in the thread's line.
+            if self._submitting_threads[submission.user_id, submission.run.thread_id] == 1:
+                self.launch(submission, request)
+                early.append(True)
+
+        early: list[bool] = []
         request.on_stored = stored
         try:
-            events = await self.event_log.write_for_client(request, queued=lambda: self.launch(submission, request))
+            events = await self.event_log.write_for_client(request, queued=queued)
         except BaseException:
-            # Not stored (or no longer awaited): the run, started or not, ends without a trace of its own.
-            self._cancel_local(submission.run.id, "its message could not be stored")
+            if request.outcome is not True:  # not stored: the run, started or not, ends without a trace
+                self._cancel_local(submission.run.id, "its message could not be stored")
             raise
+        if not early:
+            self.launch(submission)  # after the commit, as any other message's (the ack went out with it)
         return dataclasses.replace(submission, message_seq=events[0].seq, launched=True)
 
     def validate(self, content: str, agent: str | None, is_admin: bool, user_id: str) -> str:
@@ -407,14 +417,17 @@ class RunManager:
             state.usage = event.usage
 
     async def _history(self, ctx: UserExecutionContext, message: MessageOut) -> tuple[ChatMessage, ...]:
-        """The thread's recent messages up to and including the run's own `message`. A run can start before its
-        message is stored (then it is added) or after later messages were (then they are left out)."""
+        """The thread's recent messages, ending with the run's own `message`. A run can start before its message
+        is stored (then it is added), or after later ones were: the user's later messages are left for their
+        own runs, and answers stored after it (to earlier messages, sent while those ran) come before it."""
         items = self.history.get(ctx.thread_id)
         if items is None:
             items = await self._read_history(ctx)
         ids = [message_id for message_id, _ in items]
         if message.id in ids:
-            items = items[:ids.index(message.id) + 1]
+            index = ids.index(message.id)
+            answers = tuple(item for item in items[index + 1:] if item[1].role == "assistant")
+            items = (*items[:index], *answers, items[index])
         else:
             items = (*items, (message.id, ChatMessage(role="user", content=message.content)))[-HISTORY_MESSAGES:]
         return tuple(chat for _, chat in items)

@@ -71,6 +71,8 @@ class WriteRequest:
     # (not if its waiter gave up meanwhile: that one has been answered with an error already).
     on_stored: Callable[[list[StoredEvent]], None] | None = None
     outcome: bool | None = None  # True once stored, False once failed or given up; None while pending
+    in_flight: bool = False  # in the writer's transaction right now
+    abandoned: bool = False  # its waiter stopped waiting: not to be stored by any later attempt
 
     def thread_ids(self) -> set[str]:
         ids = {event.thread_id for event in self.events}
@@ -132,10 +134,28 @@ class EventLog:
         client that retries does not end up with its message twice."""
         if self.failing_since is not None:
             raise DatabaseUnavailable(retry_after=self.retry_after_s)
+        self._check_running()
+        future: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
+        request.future = future
+        is_queued = False
         try:
             async with asyncio.timeout(self.answer_within_s):
-                return await self.write(request, queued=queued)
-        except TimeoutError:
+                await self._queue.put(request)
+                is_queued = True
+                if queued is not None:
+                    queued()
+                return await asyncio.shield(future)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            # Given up. Not taken yet: it never will be. Being committed right now: that attempt decides (if it
+            # fails, the next one skips the request and says so), so a stored message is never reported lost.
+            request.abandoned = True
+            if is_queued and request.in_flight and not isinstance(exc, asyncio.CancelledError):
+                return await future
+            if request.outcome is None and not request.in_flight:
+                request.outcome = False
+                future.cancel()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             raise DatabaseUnavailable(retry_after=self.retry_after_s) from None
 
     async def emit(self, event: NewEvent, owner_id: str | None, run_changes: Sequence[RunChange] = (),
@@ -280,15 +300,23 @@ class EventLog:
     async def _commit(self, batch: list[WriteRequest]) -> list[tuple[WriteRequest, list[StoredEvent]]]:
         live = []
         for request in batch:  # in queue order: a request's `after` is decided before it (or in this batch)
+            if request.outcome is not None:
+                continue  # decided by an earlier attempt: stored while failures were isolated, or given up
             if request.after is not None and request.after.outcome is False:
                 _fail_all([request], PrecedingWriteFailed())
-            elif _settled(request):
-                request.outcome = False  # its waiter gave up: never stored later
+            elif request.abandoned or _settled(request):  # its waiter gave up: never stored later
+                _fail_all([request], DatabaseUnavailable(retry_after=self.retry_after_s))
             else:
                 live.append(request)
         now = utcnow()
         started = time.perf_counter()
-        result = await self.store.transaction(lambda connection: write_batch(connection, live, now))
+        for request in live:
+            request.in_flight = True
+        try:
+            result = await self.store.transaction(lambda connection: write_batch(connection, live, now))
+        finally:
+            for request in live:
+                request.in_flight = False
         self.batches += 1
         self.last_commit_ms = (time.perf_counter() - started) * 1000
         stored = []
@@ -341,6 +369,8 @@ def _settled(request: WriteRequest) -> bool:
 
 def _fail_all(batch: list[WriteRequest], exc: BaseException) -> None:
     for request in batch:
+        if request.outcome is True:
+            continue  # stored by an earlier attempt of the same batch (while its failures were isolated)
         request.outcome = False
         if request.future is None:
             # Nobody waits to hear of it. A deleted thread is expected (its runs are being cancelled); any other
