@@ -23,6 +23,10 @@ ROLES = ("user", "assistant")
 HistoryItem = tuple[str, ChatMessage]  # (message id, the message as the model sees it)
 
 
+def history_item(message_id: str, role: str, content: str) -> HistoryItem:
+    return message_id, ChatMessage(role="user" if role == "user" else "assistant", content=content)
+
+
 @dataclass
 class _Entry:
     messages: deque[HistoryItem]
@@ -71,8 +75,8 @@ class HistoryCache:
                     span[0], span[1] = min(span[0], event.seq), max(span[1], event.seq)
             for row in request.messages:
                 if row["role"] in ROLES:
-                    added.setdefault(row["thread_id"], []).append((row["id"], ChatMessage(
-                        role="user" if row["role"] == "user" else "assistant", content=row["content"])))
+                    added.setdefault(row["thread_id"], []).append(
+                        history_item(row["id"], row["role"], row["content"]))
         for thread_id, (first, last) in spans.items():
             self._latest[thread_id] = max(self._latest.get(thread_id, 0), last)
             self._latest.move_to_end(thread_id)

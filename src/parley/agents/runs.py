@@ -34,7 +34,7 @@ from parley.agents.base import (
     ToolStarted,
 )
 from parley.agents.context import UserExecutionContext
-from parley.agents.history import HISTORY_MESSAGES, HistoryCache, HistoryItem
+from parley.agents.history import HISTORY_MESSAGES, HistoryCache, HistoryItem, history_item
 from parley.agents.leases import INTERRUPTED_MESSAGE, RunLeases, started_event
 from parley.agents.schemas import FINISHED_STATUSES, UNFINISHED_STATUSES, RunOut
 from parley.analytics.metered import MeteredLLM
@@ -224,14 +224,16 @@ class RunManager:
         def stored(events: list[StoredEvent]) -> None:
             acknowledge(dataclasses.replace(submission, message_seq=events[0].seq, launched=True))
 
+        started_early = False
+
         def queued() -> None:
             # Only if no other message to this thread is being submitted: one that was queued first, on a path
             # that starts its run after the commit, must keep its place in the thread's line.
+            nonlocal started_early
             if self._submitting_threads[submission.user_id, submission.run.thread_id] == 1:
                 self.launch(submission, request)
-                early.append(True)
+                started_early = True
 
-        early: list[bool] = []
         request.on_stored = stored
         try:
             events = await self.event_log.write_for_client(request, queued=queued)
@@ -239,7 +241,7 @@ class RunManager:
             if request.outcome is not True:  # not stored: the run, started or not, ends without a trace
                 self._cancel_local(submission.run.id, "its message could not be stored")
             raise
-        if not early:
+        if not started_early:
             self.launch(submission)  # after the commit, as any other message's (the ack went out with it)
         return dataclasses.replace(submission, message_seq=events[0].seq, launched=True)
 
@@ -429,7 +431,7 @@ class RunManager:
             answers = tuple(item for item in items[index + 1:] if item[1].role == "assistant")
             items = (*items[:index], *answers, items[index])
         else:
-            items = (*items, (message.id, ChatMessage(role="user", content=message.content)))[-HISTORY_MESSAGES:]
+            items = (*items, history_item(message.id, "user", message.content))[-HISTORY_MESSAGES:]
         return tuple(chat for _, chat in items)
 
     async def _read_history(self, ctx: UserExecutionContext) -> tuple[HistoryItem, ...]:
@@ -443,8 +445,7 @@ class RunManager:
                 .order_by(Message.created_at.desc(), Message.id.desc())
                 .limit(HISTORY_MESSAGES)
             )).all()
-        items = tuple((message_id, ChatMessage(role="user" if role == "user" else "assistant", content=content))
-                      for message_id, role, content, _ in reversed(rows))
+        items = tuple(history_item(message_id, role, content) for message_id, role, content, _ in reversed(rows))
         if rows:
             self.history.put(ctx.thread_id, items, int(rows[0][3]))
         return items

@@ -107,19 +107,15 @@ class EventLog:
         self._tail: WriteRequest | None = None  # the last fire-and-forget request, while still queued
 
     # --- producing -----------------------------------------------------------------------------------------
-    async def write(self, request: WriteRequest, wait: bool = True,
-                    queued: Callable[[], None] | None = None) -> list[StoredEvent]:
+    async def write(self, request: WriteRequest, wait: bool = True) -> list[StoredEvent]:
         """Queues `request`; with `wait`, returns its stored events once committed (or raises its error).
 
         Without `wait` it returns at once (after waiting for queue space, the backpressure); the events are
-        still stored before anyone is sent them. `queued` is called as soon as the request is in the queue:
-        whatever is queued from then on is stored after it."""
+        still stored before anyone is sent them."""
         self._check_running()
         if wait:
             request.future = asyncio.get_running_loop().create_future()
             await self._queue.put(request)
-            if queued is not None:
-                queued()
             return await request.future
         await self._queue.put(request)
         if _appendable(request) and len(request.thread_ids()) == 1:
@@ -131,7 +127,8 @@ class EventLog:
         """`write` for a client who waits for the answer (a new message): refused at once while the log cannot
         store anything, and given up after `answer_within_s`, with 503 `database_unavailable` either way. A
         request given up is never stored later (the writer skips a request nobody waits for any more), so a
-        client that retries does not end up with its message twice."""
+        client that retries does not end up with its message twice. `queued` is called as soon as the request
+        is in the queue: whatever is queued from then on is stored after it."""
         if self.failing_since is not None:
             raise DatabaseUnavailable(retry_after=self.retry_after_s)
         self._check_running()

@@ -141,6 +141,7 @@ class ClientSession:
             thread_id = thread.id
             self.send(EventType.THREAD_CREATED, {"thread": ThreadOut.of(thread).model_dump()}, request_id,
                       thread_id)
+
         def acknowledge(submission: Submission) -> None:
             self.send(EventType.ACK, {"message_id": submission.message.id, "run_id": submission.run.id,
                                       "thread_id": submission.run.thread_id}, request_id, submission.run.thread_id)
